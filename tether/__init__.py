@@ -1,0 +1,18 @@
+"""tether: RL fine-tuning of language models against a reward, tethered to a frozen reference by a KL penalty."""
+
+from tether.config import ConfigError, KLConfig, LoggingConfig
+from tether.sampling import KLBiasError, SamplingConfig
+from tether.trainers.ppo import PPOConfig, PPOTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "KLBiasError",
+    "KLConfig",
+    "LoggingConfig",
+    "PPOConfig",
+    "PPOTrainer",
+    "SamplingConfig",
+    "__version__",
+]

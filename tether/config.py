@@ -1,0 +1,252 @@
+"""Typed dataclass configs: shared blocks, YAML loading and ``--dotted.key value`` overrides.
+
+Every config is a dataclass whose fields are plain types, ``Literal`` choices, ``X | None``, lists
+or nested dataclasses. Unknown keys are an error (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config's fields."""
+
+
+@dataclass
+class KLConfig:
+    """The KL penalty against the reference model."""
+
+    coef: float = 0.05
+    """Initial KL coefficient beta (TRL: kl_coef / init_kl_coef)."""
+    target: float | None = None
+    """Target KL per sequence for the adaptive controller (Ziegler et al. 2019); None keeps coef fixed."""
+    horizon: int = 10_000
+    """Adaptive controller horizon in episodes."""
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator used in the reward: k1 = log p - log q (TRL's default), k3 >= 0 always."""
+
+    def __post_init__(self) -> None:
+        if self.coef < 0:
+            raise ConfigError(f"kl.coef must be >= 0, got {self.coef}")
+
+
+@dataclass
+class LoggingConfig:
+    """Where and how often a run reports."""
+
+    report_to: list[str] = field(default_factory=lambda: ["jsonl", "console"])
+    """Backends: jsonl (always on), console, tensorboard, wandb, none."""
+    logging_steps: int = 1
+    """Print the compact console line every N steps (metrics.jsonl gets every step)."""
+    sample_steps: int = 10
+    """Write a table of generations every N steps (samples.jsonl, TensorBoard, W&B)."""
+    num_sample_rows: int = 4
+    """Rows in each sample table."""
+    save_steps: int = 50
+    """Write a checkpoint every N steps (0 disables intermediate checkpoints)."""
+    save_total_limit: int = 2
+    """Keep at most this many checkpoints (the newest)."""
+    progress_bar: bool = True
+    """Show a progress bar over total episodes."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert ``value`` (from YAML or the command line) to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, Sequence, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, where=where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, str | int | float | Path):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any], where: str = "") -> C:
+    """Build dataclass ``cls`` from a mapping; unknown keys and bad values raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)} for {cls.__name__}; "
+            f"valid keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{cls.__name__}: {exc}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-dict form of a config (for YAML, logging backends and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping of fields, got {type(data).__name__}")
+    return dict(data)
+
+
+def load_yaml(cls: type[C], path: str | Path) -> C:
+    """Read a YAML file into ``cls``; errors name the file."""
+    data = _read_yaml_mapping(path)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def split_args(argv: Sequence[str]) -> dict[str, str]:
+    """``["--a.b", "1", "--c=x", "--flag"]`` -> ``{"a.b": "1", "c": "x", "flag": "true"}``.
+
+    Dashes in names become underscores, so ``--output-dir`` and ``--output_dir`` are the same key.
+    """
+    out: dict[str, str] = {}
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options are written --name value")
+        name = arg[2:]
+        if "=" in name:
+            name, value = name.split("=", 1)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 1
+        else:
+            value = "true"
+        out[name.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def load_config(
+    cls: type[C], argv: Sequence[str], extra: Sequence[str] = ()
+) -> tuple[C, dict[str, str]]:
+    """Parse ``[--config FILE.yaml] [--field value | --block.field value ...]`` into ``cls``.
+
+    Values given on the command line override the file. Names listed in ``extra`` (for example
+    ``policy`` or ``prompts``) are returned separately instead of being treated as config fields.
+    """
+    args = split_args(argv)
+    base: dict[str, Any] = {}
+    config_path = args.pop("config", None)
+    if config_path is not None:
+        base = _read_yaml_mapping(config_path)
+    extras = {k: args.pop(k) for k in list(args) if k in extra}
+    for key, raw in args.items():
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(base, key, raw if isinstance(value, dict) else value)
+    try:
+        return from_dict(cls, base), extras
+    except ConfigError as exc:
+        raise ConfigError(f"{config_path}: {exc}" if config_path else str(exc)) from None

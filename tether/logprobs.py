@@ -1,0 +1,91 @@
+"""Log-probabilities and entropies of response tokens.
+
+Shapes: B batch, P prompt length (left-padded), T response length (right-padded), L = P + T, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log_softmax(logits / temperature)`` gathered at ``index``, in float32.
+
+    logits [..., V], index [...] -> [...]. Computed as ``logit[index] - logsumexp(logits)`` row by row
+    so the full [..., V] log-softmax is never materialised a second time (as TRL's helper does).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
+    # One row at a time along the batch keeps the peak memory to one [T, V] buffer.
+    lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+    return picked - lse
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of ``softmax(logits / temperature)`` over the last dim: [..., V] -> [...], float32."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    out = []
+    for row in logits:  # row-wise for the same memory reason as selective_log_softmax
+        logp = torch.log_softmax(row, dim=-1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.stack(out)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on the first real token of each row, whatever the left padding.
+
+    [B, L] -> [B, L]. Padding positions get 0 (they are masked out anyway). Without this, a
+    left-padded prompt is seen at shifted positions and its logprobs differ from the unpadded ones.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ResponseForward(NamedTuple):
+    """Result of one forward over prompt + response."""
+
+    logprobs: torch.Tensor  # [B, T] float32 logprob of each response token
+    logits: torch.Tensor  # [B, T, V] logits that predicted each response token (not temperature-scaled)
+
+
+def response_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int
+) -> torch.Tensor:
+    """Logits predicting each response token: [B, L] -> [B, T, V].
+
+    The token at position ``i`` is predicted by the logits at ``i - 1``, so the response slice of the
+    logits is ``[P - 1, L - 1)``.
+    """
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out.logits[:, prompt_length - 1 : -1]
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+    temperature: float = 1.0,
+) -> ResponseForward:
+    """Logprobs of the response tokens of ``input_ids`` under ``model`` at the sampling temperature.
+
+    input_ids, attention_mask: [B, L] with prompts left-padded to length P and responses right-padded.
+    The logits are divided by ``temperature`` (the distribution the tokens were sampled from), for the
+    policy and the reference alike; see DESIGN.md, "RL details that must be right".
+    """
+    logits = response_logits(model, input_ids, attention_mask, prompt_length)  # [B, T, V]
+    response_ids = input_ids[:, prompt_length:]
+    return ResponseForward(selective_log_softmax(logits, response_ids, temperature), logits)

@@ -1,0 +1,133 @@
+"""Loading the policy, reference and value models.
+
+The value model is a separate network: a transformer backbone plus a scalar head that starts at
+zero (so the first value estimates are 0 and the first advantages are the raw returns).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from tether.logprobs import position_ids_from_mask
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0.
+
+    RL needs the logprobs of rollouts, of the old policy and of the first update step to agree: with
+    dropout on, the PPO ratio is not 1 at the first step and the KL is noise (TRL does the same).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def load_causal_lm(policy: str | Path | PreTrainedModel) -> PreTrainedModel:
+    if isinstance(policy, PreTrainedModel):
+        return policy
+    path = Path(policy)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"policy {policy!r} is not a local directory; tether loads models offline from a path "
+            "(or pass a PreTrainedModel instance)"
+        )
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def load_tokenizer(
+    tokenizer: str | Path | PreTrainedTokenizerBase | None, policy_source: Any
+) -> PreTrainedTokenizerBase:
+    """Load the tokenizer (from the policy's directory when not given) and set it up for rollouts.
+
+    Prompts are left-padded so every response starts at the same column; pad = EOS when the
+    tokenizer has no pad token (TRL Training FAQ).
+    """
+    if tokenizer is None:
+        if isinstance(policy_source, str | Path):
+            tokenizer = policy_source
+        else:
+            name = getattr(getattr(policy_source, "config", None), "_name_or_path", "")
+            if not name or not Path(name).exists():
+                raise ValueError("pass tokenizer=... when the policy is a model instance without a local path")
+            tokenizer = name
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; responses could never end")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A frozen, eval-mode deep copy (the reference model)."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def backbone_of(model: PreTrainedModel) -> nn.Module:
+    """The transformer body of a CausalLM or SequenceClassification model (no LM/score head)."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        raise ValueError(f"cannot find the backbone of {type(model).__name__}")
+    return base
+
+
+class ValueModel(nn.Module):
+    """Transformer backbone + zero-initialised scalar head: values for every position, [B, L]."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_model(cls, model: PreTrainedModel) -> ValueModel:
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+        if hidden is None:
+            raise ValueError(f"cannot read the hidden size of {type(model).__name__}")
+        return cls(copy.deepcopy(backbone_of(model)), int(hidden))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+        hidden = out.last_hidden_state
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # [B, L]
+
+
+def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    return a.get_vocab() == b.get_vocab()
+
+
+def is_causal_model(model: PreTrainedModel) -> bool:
+    """True for decoder-only architectures (a bidirectional backbone would let values see the future)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return type(model.config) in MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(model.config, "is_encoder_decoder", False)

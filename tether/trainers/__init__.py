@@ -1,0 +1,1 @@
+"""Training loops, one per file: ppo (PPO with KL), reward (reward-model training)."""

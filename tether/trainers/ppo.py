@@ -1,0 +1,511 @@
+"""PPO with a per-token KL penalty against a frozen reference model (the InstructGPT recipe).
+
+One training step, top to bottom (``PPOTrainer.train``):
+
+1. rollout   sample responses for a batch of prompts, then one no-grad forward each of the policy,
+             the reference and the value model (dropout off) for logprobs, ref logprobs and values.
+2. score     the reward of each (prompt, response); responses without EOS can be penalised.
+3. rewards   per-token ``-kl_coef * KL`` plus the score on the last valid response token.
+4. advantages  GAE over the shaped rewards and the values; optional whitening.
+5. update    ``ppo_epochs`` passes of shuffled mini-batches, each split into micro-batches whose
+             gradients are accumulated; clipped surrogate + clipped value loss.
+6. KL coef   the adaptive controller (Ziegler et al. 2019) moves ``kl_coef`` toward the target KL.
+7. log       metrics, sample tables, checkpoints.
+
+Batch vocabulary (TRL name in brackets): ``rollout_batch_size`` prompts per step [batch_size];
+``mini_batch_size`` sequences per optimiser step [local_mini_batch_size]; ``micro_batch_size``
+sequences per forward/backward [per_device_train_batch_size]; gradient accumulation =
+mini / micro [gradient_accumulation_steps].
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tether.advantages import gae, whiten_advantages
+from tether.checkpoint import (
+    latest_checkpoint,
+    load_policy_weights,
+    load_state,
+    save_checkpoint,
+    save_pretrained_atomic,
+    set_rng_state,
+)
+from tether.config import ConfigError, KLConfig, LoggingConfig, save_yaml, to_dict
+from tether.data import PromptData, PromptSampler, check_prompt_lengths, load_prompts
+from tether.kl import KL_ESTIMATORS, kl_k1, kl_shaped_rewards, make_kl_controller
+from tether.logging import Progress, build_loggers
+from tether.logprobs import entropy_from_logits, response_logits, selective_log_softmax
+from tether.losses import aggregate, loss_normalizer, ppo_clip_loss, value_loss
+from tether.models import (
+    ValueModel,
+    disable_dropout,
+    frozen_copy,
+    is_causal_model,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+    same_vocabulary,
+)
+from tether.ops import exact_div, masked_mean, masked_var, masked_whiten
+from tether.rewards import Reward, build_reward
+from tether.sampling import (
+    SamplingConfig,
+    check_sampling_config,
+    generate,
+    missing_eos_penalty,
+    truncate_at_eos,
+)
+from tether.types import Rollout
+
+
+@dataclass
+class PPOConfig:
+    """Configuration of a PPO run. Defaults follow TRL's PPOConfig where TRL has one."""
+
+    output_dir: str = "runs/ppo"
+    """Run directory: config.yaml, metrics.jsonl, samples.jsonl, checkpoints/, final/."""
+    seed: int = 0
+    """Seed for prompt order, sampling and updates; the same seed gives the same run on CPU."""
+    learning_rate: float = 3e-6
+    """AdamW learning rate for the policy and the value model."""
+    total_episodes: int = 10_000
+    """Prompts (episodes) to train on; steps = total_episodes // rollout_batch_size."""
+    rollout_batch_size: int = 64
+    """Prompts sampled per training step [TRL: batch_size]."""
+    mini_batch_size: int = 16
+    """Sequences per optimiser step [TRL: local_mini_batch_size]."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward; gradients are accumulated over mini/micro of them."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch [TRL: num_ppo_epochs]."""
+    cliprange: float = 0.2
+    """PPO ratio clip (low side, and high side unless cliprange_high is set)."""
+    cliprange_high: float | None = None
+    """Separate high-side ratio clip (DAPO's clip-higher); None = cliprange."""
+    cliprange_value: float | None = 0.2
+    """Value clip around the rollout's values; None disables value clipping."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss."""
+    gamma: float = 1.0
+    """Discount factor."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_rewards: bool = False
+    """Scale per-token rewards to unit variance (mean kept) before GAE."""
+    whiten_advantages: bool = True
+    """Normalise advantages to zero mean / unit variance over the batch's response tokens."""
+    loss_aggregation: Literal["token-mean", "seq-mean"] = "token-mean"
+    """How per-token losses are reduced; independent of how a mini-batch is split into micro-batches."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of a response that hit max_new_tokens without EOS; None = no penalty."""
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping norm; None disables clipping."""
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-5
+    lr_scheduler: Literal["linear", "constant"] = "linear"
+    """Linear decay to 0 over the run (TRL's default) or a constant rate."""
+    max_prompt_length: int = 256
+    """Prompts longer than this many tokens are an error (naming the row)."""
+    forward_batch_size: int | None = None
+    """Sequences per no-grad rollout forward (policy, reference, value); None = micro_batch_size."""
+    reward_batch_size: int = 16
+    """Texts per reward-model forward."""
+    device: str = "auto"
+    """"auto" (CUDA when available), "cpu", "cuda", "cuda:1", ..."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.total_episodes < self.rollout_batch_size:
+            raise ConfigError(
+                f"total_episodes ({self.total_episodes}) must be at least rollout_batch_size ({self.rollout_batch_size})"
+            )
+        try:
+            exact_div(self.rollout_batch_size, self.mini_batch_size, "rollout_batch_size / mini_batch_size")
+            exact_div(self.mini_batch_size, self.micro_batch_size, "mini_batch_size / micro_batch_size")
+        except ValueError as exc:
+            raise ConfigError(f"batch sizes do not divide: {exc}") from None
+        if self.ppo_epochs < 1:
+            raise ConfigError(f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
+        if self.whiten_advantages and self.rollout_batch_size < 2:
+            raise ConfigError("whiten_advantages needs rollout_batch_size >= 2")
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.mini_batch_size // self.micro_batch_size
+
+    @property
+    def num_mini_batches(self) -> int:
+        return self.rollout_batch_size // self.mini_batch_size
+
+    @property
+    def num_steps(self) -> int:
+        return self.total_episodes // self.rollout_batch_size
+
+
+class PolicyAndValue(nn.Module):
+    """Holds both trained networks so one optimiser and one grad-clip cover them (as TRL does)."""
+
+    def __init__(self, policy: PreTrainedModel, value_model: ValueModel) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+
+
+class PPOTrainer:
+    """PPO-with-KL trainer. See the module docstring for the loop.
+
+    Args:
+        config: a :class:`PPOConfig`.
+        policy: a causal LM (``AutoModelForCausalLM`` directory or instance).
+        tokenizer: its tokenizer (loaded from the policy's directory when omitted).
+        reward: a reward function ``(prompts, responses, **columns) -> list[float]``, ``"file.py:fn"``,
+            a reward-model directory / ``(model, tokenizer)`` tuple, a list of those, or a built
+            :class:`tether.rewards.Reward`.
+        prompts: a list of strings, a ``datasets.Dataset`` or a JSONL/CSV/Parquet file with a ``prompt``
+            column; other columns are passed to reward functions by name.
+        ref_policy: the frozen reference; a frozen copy of the policy when omitted.
+        value_model: a :class:`ValueModel`; built from the reward model when it is a causal model with
+            the policy's vocabulary, else from the policy, with a zero-initialised head.
+    """
+
+    def __init__(
+        self,
+        config: PPOConfig,
+        policy: str | Path | PreTrainedModel,
+        reward: Any,
+        prompts: Any,
+        tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
+        ref_policy: PreTrainedModel | None = None,
+        value_model: ValueModel | None = None,
+    ) -> None:
+        self.config = config
+        check_sampling_config(config.sampling)
+        self.device = pick_device(config.device)
+        torch.manual_seed(config.seed)
+
+        self.policy = load_causal_lm(policy)
+        self.tokenizer = load_tokenizer(tokenizer, policy)
+        eos = self.tokenizer.eos_token_id
+        self.eos_token_ids: list[int] = [eos] if isinstance(eos, int) else list(eos)
+        self.data: PromptData = load_prompts(prompts)
+        check_prompt_lengths(self.data, self.tokenizer, config.max_prompt_length)
+
+        self.reward: Reward = (
+            reward
+            if isinstance(reward, Reward)
+            else build_reward(reward, device=self.device, batch_size=config.reward_batch_size)
+        )
+        self.ref_policy = ref_policy if ref_policy is not None else frozen_copy(self.policy)
+        if value_model is None:
+            value_model = ValueModel.from_model(self._value_init_source())
+        self.value_model = value_model
+        for model in (self.policy, self.ref_policy, self.value_model):
+            disable_dropout(model)
+            model.to(self.device)
+        self.ref_policy.eval().requires_grad_(False)
+
+        self.model = PolicyAndValue(self.policy, self.value_model)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=config.learning_rate,
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+        )
+        total_updates = config.num_steps * config.ppo_epochs * config.num_mini_batches
+        schedule: Callable[[int], float] = (
+            (lambda i: max(0.0, 1.0 - i / total_updates)) if config.lr_scheduler == "linear" else (lambda i: 1.0)
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.kl_ctl = make_kl_controller(config.kl.coef, config.kl.target, config.kl.horizon)
+        self.sampler = PromptSampler(len(self.data), config.seed)
+        self.update_generator = torch.Generator().manual_seed(config.seed + 1)
+        self.step = 0
+        self.episode = 0
+        self.run_dir = Path(config.output_dir)
+        self._resumed_from: Path | None = None
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _value_init_source(self) -> PreTrainedModel:
+        """The reward model when it can read the policy's tokens causally, else the policy."""
+        for model, tok in zip(self.reward.models, getattr(self.reward, "tokenizers", []), strict=False):
+            if is_causal_model(model) and same_vocabulary(tok, self.tokenizer):
+                return model
+        return self.policy
+
+    def resume(self, run_dir: str | Path | None = None) -> Path:
+        """Restore everything from the newest checkpoint of ``run_dir`` (default: the config's output_dir)."""
+        ckpt = latest_checkpoint(Path(run_dir) if run_dir is not None else self.run_dir)
+        state = load_state(ckpt)
+        load_policy_weights(self.policy, ckpt)
+        self.value_model.load_state_dict(state["value_model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.update_generator.set_state(state["update_generator"])
+        self.step, self.episode = int(state["step"]), int(state["episode"])
+        set_rng_state(state["rng"])
+        self._resumed_from = ckpt
+        return ckpt
+
+    def _checkpoint(self) -> Path:
+        state = {
+            "value_model": self.value_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "kl_controller": self.kl_ctl.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "update_generator": self.update_generator.get_state(),
+            "episode": self.episode,
+        }
+        return save_checkpoint(
+            self.run_dir, self.step, self.policy, self.tokenizer, state, self.config.logging.save_total_limit
+        )
+
+    # ------------------------------------------------------------------ 1. rollout
+
+    @torch.inference_mode()
+    def rollout(self, prompts: Sequence[str]) -> Rollout:
+        """Sample one response per prompt and run the no-grad forwards. See step 1 of the module docstring."""
+        cfg = self.config
+        enc = self.tokenizer(list(prompts), padding=True, return_tensors="pt").to(self.device)
+        prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
+        P = prompt_ids.shape[1]
+        self.policy.eval()
+        gen = generate(
+            self.policy, prompt_ids, prompt_mask, cfg.sampling, self.eos_token_ids, self.tokenizer.pad_token_id
+        )
+        cut = truncate_at_eos(gen.sequences[:, P:], self.eos_token_ids, self.tokenizer.pad_token_id)
+        T = max(int(cut.response_mask.sum(-1).max().item()), 1)  # drop columns that are padding everywhere
+        response_ids, response_mask = cut.response_ids[:, :T], cut.response_mask[:, :T]
+        input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # [B, L]
+        attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)  # [B, L]
+
+        chunk = cfg.forward_batch_size or cfg.micro_batch_size
+        logprobs, ref_logprobs, values, entropy = [], [], [], []
+        self.value_model.eval()
+        temperature = cfg.sampling.temperature
+        for s in range(0, input_ids.shape[0], chunk):
+            ids, att = input_ids[s : s + chunk], attention_mask[s : s + chunk]
+            logits = response_logits(self.policy, ids, att, P)  # [b, T, V]
+            logprobs.append(selective_log_softmax(logits, ids[:, P:], temperature))
+            entropy.append(entropy_from_logits(logits, temperature))
+            del logits
+            ref_logits = response_logits(self.ref_policy, ids, att, P)
+            ref_logprobs.append(selective_log_softmax(ref_logits, ids[:, P:], temperature))
+            del ref_logits
+            values.append(self.value_model(ids, att)[:, P - 1 : -1])  # value of the state before each token
+        # clone(): tensors made under inference_mode cannot be saved for backward in the update.
+        return Rollout(
+            input_ids=input_ids.clone(),
+            attention_mask=attention_mask.clone(),
+            response_mask=response_mask.clone(),
+            prompt_length=P,
+            logprobs=torch.cat(logprobs).clone(),
+            ref_logprobs=torch.cat(ref_logprobs).clone(),
+            values=torch.cat(values).clone(),
+            entropy=torch.cat(entropy).clone(),
+            has_eos=cut.has_eos.clone(),
+        )
+
+    # ------------------------------------------------------------------ 5. update
+
+    def micro_batch_loss(
+        self, batch: Rollout, advantages: torch.Tensor, returns: torch.Tensor, normalizer: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro-batch, already divided by the whole mini-batch's ``normalizer``."""
+        cfg = self.config
+        P, mask = batch.prompt_length, batch.response_mask
+        logits = response_logits(self.policy, batch.input_ids, batch.attention_mask, P)
+        new_logprobs = selective_log_softmax(logits, batch.response_ids, cfg.sampling.temperature)
+        new_values = self.value_model(batch.input_ids, batch.attention_mask)[:, P - 1 : -1]
+        pg = ppo_clip_loss(new_logprobs, batch.logprobs, advantages, mask, cfg.cliprange, cfg.cliprange_high)
+        vf = value_loss(new_values, batch.values, returns, mask, cfg.cliprange_value)
+        agg = cfg.loss_aggregation
+        pg_loss = aggregate(pg.loss, mask, agg, normalizer)
+        vf_loss = aggregate(vf.loss, mask, agg, normalizer)
+        stats = {  # sums over this micro-batch's tokens; divided by the mini-batch token count later
+            "policy/loss": pg_loss.detach(),
+            "value/loss": vf_loss.detach(),
+            "policy/approx_kl": pg.approx_kl.sum(),
+            "policy/clipfrac": pg.clipped.float().sum(),
+            "value/clipfrac": vf.clipped.float().sum(),
+        }
+        return pg_loss + cfg.vf_coef * vf_loss, stats
+
+    def update(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+        """``ppo_epochs`` passes of mini-batch optimiser steps with micro-batch gradient accumulation."""
+        cfg = self.config
+        B = rollout.input_ids.shape[0]
+        self.model.train()
+        totals: dict[str, float] = {}
+        n_tokens_total = 0.0
+        n_minibatches = 0
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(B, generator=self.update_generator).to(self.device)
+            for start in range(0, B, cfg.mini_batch_size):
+                mb = order[start : start + cfg.mini_batch_size]
+                normalizer = loss_normalizer(rollout.response_mask[mb], cfg.loss_aggregation)
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro_start in range(0, len(mb), cfg.micro_batch_size):
+                    idx = mb[micro_start : micro_start + cfg.micro_batch_size]
+                    loss, stats = self.micro_batch_loss(rollout.index(idx), advantages[idx], returns[idx], normalizer)
+                    loss.backward()
+                    for k, v in stats.items():
+                        totals[k] = totals.get(k, 0.0) + float(v)
+                if cfg.max_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                n_tokens_total += float(rollout.response_mask[mb].sum())
+                n_minibatches += 1
+        per_token = ("policy/approx_kl", "policy/clipfrac", "value/clipfrac")
+        return {
+            k: v / max(n_tokens_total, 1.0) if k in per_token else v / n_minibatches for k, v in totals.items()
+        }
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> list[dict[str, float]]:
+        """Run to ``total_episodes``; returns the per-step metrics (also in ``output_dir/metrics.jsonl``)."""
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, self.run_dir / "config.yaml")
+        logger = build_loggers(
+            cfg.logging.report_to,
+            self.run_dir,
+            to_dict(cfg),
+            console_every=cfg.logging.logging_steps,
+            start_step=self.step if self._resumed_from is not None else None,
+        )
+        progress = Progress(
+            cfg.num_steps * cfg.rollout_batch_size, "ppo", cfg.logging.progress_bar, initial=self.episode
+        )
+        estimator = KL_ESTIMATORS[cfg.kl.estimator]
+        history: list[dict[str, float]] = []
+        try:
+            while self.step < cfg.num_steps:
+                t0 = time.perf_counter()
+                # 1. rollout
+                indices = self.sampler.next_indices(cfg.rollout_batch_size)
+                prompts, columns = self.data.select(indices)
+                ro = self.rollout(prompts)
+                mask = ro.response_mask
+                responses = self.tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
+                t_gen = time.perf_counter()
+
+                # 2. score
+                reward_out = self.reward(prompts, responses, columns)
+                scores = missing_eos_penalty(reward_out.scores.to(self.device), ro.has_eos, cfg.missing_eos_penalty)
+
+                # 3. KL-shaped per-token rewards
+                kl = torch.where(mask, estimator(ro.logprobs, ro.ref_logprobs), torch.zeros_like(ro.logprobs))
+                kl_coef = self.kl_ctl.value
+                rewards, non_score = kl_shaped_rewards(scores, kl, mask, kl_coef)
+                if cfg.whiten_rewards:
+                    rewards = masked_whiten(rewards, mask, shift_mean=False)
+
+                # 4. advantages
+                advantages, returns = gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
+                if cfg.whiten_advantages:
+                    advantages = whiten_advantages(advantages, mask)
+                t_rollout = time.perf_counter()
+
+                # 5. update
+                update_stats = self.update(ro, advantages, returns)
+                t_update = time.perf_counter()
+
+                # 6. adaptive KL coefficient, on the mean per-sequence KL of this batch
+                seq_kl = kl.sum(-1)  # [B]
+                self.kl_ctl.update(float(seq_kl.mean()), cfg.rollout_batch_size)
+
+                # 7. log
+                self.step += 1
+                self.episode += cfg.rollout_batch_size
+                metrics = self._metrics(ro, scores, reward_out.components, seq_kl, non_score, returns, kl_coef)
+                metrics.update(update_stats)
+                n_gen_tokens = float(mask.sum())
+                metrics.update(
+                    {
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "time/rollout_s": t_rollout - t0,
+                        "time/update_s": t_update - t_rollout,
+                        "perf/episodes_per_s": cfg.rollout_batch_size / (t_update - t0),
+                        "perf/gen_tokens_per_s": n_gen_tokens / max(t_gen - t0, 1e-9),
+                    }
+                )
+                record = {"episode": self.episode, **metrics}
+                logger.log_metrics(record, self.step)
+                history.append({"step": self.step, **record})
+                if cfg.logging.sample_steps > 0 and (self.step % cfg.logging.sample_steps == 0 or self.step == 1):
+                    rows = self._sample_rows(prompts, responses, scores, seq_kl)
+                    logger.log_samples(rows, self.step)
+                progress.update(
+                    cfg.rollout_batch_size,
+                    {k: metrics[k] for k in ("objective/scores", "objective/kl", "kl/coef")},
+                )
+                if cfg.logging.save_steps > 0 and self.step % cfg.logging.save_steps == 0:
+                    self._checkpoint()
+            save_pretrained_atomic(self.policy, self.tokenizer, self.run_dir / "final")
+        finally:
+            progress.close()
+            logger.close()
+        return history
+
+    # ------------------------------------------------------------------ metrics
+
+    def _metrics(
+        self,
+        ro: Rollout,
+        scores: torch.Tensor,
+        components: dict[str, torch.Tensor],
+        seq_kl: torch.Tensor,
+        non_score: torch.Tensor,
+        returns: torch.Tensor,
+        kl_coef: float,
+    ) -> dict[str, float]:
+        mask = ro.response_mask
+        seq_k1 = kl_k1(ro.logprobs, ro.ref_logprobs).masked_fill(~mask, 0.0).sum(-1)
+        non_score_reward = non_score.sum(-1)
+        residual_var = masked_var(returns - ro.values, mask) if mask.sum() > 1 else torch.tensor(float("nan"))
+        returns_var = masked_var(returns, mask) if mask.sum() > 1 else torch.tensor(float("nan"))
+        m = {
+            "objective/scores": float(scores.mean()),
+            "objective/scores_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+            "objective/kl": float(seq_kl.mean()),
+            "objective/non_score_reward": float(non_score_reward.mean()),
+            "objective/rlhf_reward": float((scores + non_score_reward).mean()),
+            "objective/entropy": float(masked_mean(ro.entropy, mask)) if mask.any() else 0.0,
+            "kl/coef": kl_coef,
+            "kl/negative_fraction": float((seq_k1 < 0).float().mean()),
+            "value/explained_variance": float(1.0 - residual_var / returns_var),
+            "rollout/response_length": float(mask.sum(-1).float().mean()),
+            "rollout/eos_fraction": float(ro.has_eos.float().mean()),
+        }
+        if len(components) > 1:
+            for name, values in components.items():
+                m[f"rewards/{name}/mean"] = float(values.mean())
+                m[f"rewards/{name}/std"] = float(values.std()) if values.numel() > 1 else 0.0
+        return m
+
+    def _sample_rows(
+        self, prompts: Sequence[str], responses: Sequence[str], scores: torch.Tensor, seq_kl: torch.Tensor
+    ) -> list[dict[str, Any]]:
+        n = min(self.config.logging.num_sample_rows, len(prompts))
+        return [
+            {"prompt": prompts[i], "response": responses[i], "score": float(scores[i]), "kl": float(seq_kl[i])}
+            for i in range(n)
+        ]
+

@@ -1,0 +1,41 @@
+"""Typed containers passed between the steps of a training loop.
+
+Shape letters: B batch (rollout batch), P prompt length (prompts left-padded), T response length
+(responses right-padded), L = P + T, V vocabulary.
+
+Masks are boolean and True means "this token counts" (DESIGN.md). ``response_mask`` is True on the
+response tokens up to and including the first EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Everything a PPO update needs about one rollout batch. All tensors are plain (not inference) tensors."""
+
+    input_ids: torch.Tensor  # [B, L] prompt (left-padded) + response (right-padded, pad after EOS)
+    attention_mask: torch.Tensor  # [B, L] 1 on real prompt tokens and on response tokens up to EOS
+    response_mask: torch.Tensor  # [B, T] bool
+    prompt_length: int  # P
+    logprobs: torch.Tensor  # [B, T] policy logprobs at sampling time (old logprobs), float32
+    ref_logprobs: torch.Tensor  # [B, T] reference logprobs, float32
+    values: torch.Tensor  # [B, T] value of the state before each response token, float32
+    entropy: torch.Tensor  # [B, T] entropy of the policy's next-token distribution, float32
+    has_eos: torch.Tensor  # [B] bool
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_length :]
+
+    def index(self, idx: torch.Tensor) -> Rollout:
+        """Rows ``idx`` of every batched tensor."""
+        kwargs = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kwargs[f.name] = value[idx] if isinstance(value, torch.Tensor) else value
+        return Rollout(**kwargs)
