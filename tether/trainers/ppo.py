@@ -509,3 +509,59 @@ class PPOTrainer:
             for i in range(n)
         ]
 
+
+
+PPO_HELP = """usage: tether ppo [--config run.yaml] --policy DIR --reward SPEC [--reward SPEC ...] --prompts FILE
+                 [--reward_weights W1,W2] [--output_dir DIR] [--resume RUN_DIR] [--field value ...]
+
+  --policy DIR       a causal LM directory (save_pretrained format); its tokenizer is loaded from it
+  --reward SPEC      a reward-model directory or FILE.py:FUNCTION; repeat to compose rewards
+  --reward_weights   comma-separated weights, one per --reward (default 1.0 each)
+  --prompts FILE     JSONL/CSV/Parquet with a `prompt` column (other columns reach reward functions)
+  --resume RUN_DIR   continue from the newest checkpoint of RUN_DIR
+  --field value      any PPOConfig field, e.g. --learning_rate 1e-5 --sampling.max_new_tokens 32 --kl.coef 0.1
+"""
+
+
+def main(argv: Sequence[str]) -> int:
+    """``tether ppo``: build the config from YAML + overrides, then train."""
+    from tether.config import load_config
+
+    argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(PPO_HELP)
+        return 0
+    rewards, rest, i = [], [], 0
+    while i < len(argv):  # --reward may repeat (composition); the generic parser keeps one value per key
+        if argv[i] == "--reward" and i + 1 < len(argv):
+            rewards.append(argv[i + 1])
+            i += 2
+        elif argv[i].startswith("--reward="):
+            rewards.append(argv[i].split("=", 1)[1])
+            i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    cfg, extra = load_config(PPOConfig, rest, extra=("policy", "prompts", "resume", "reward_weights", "tokenizer"))
+    resume = extra.get("resume")
+    if resume is not None and "output_dir" not in {a.lstrip("-").split("=")[0].replace("-", "_") for a in rest}:
+        cfg.output_dir = resume  # resuming writes into the run being resumed
+    for name in ("policy", "prompts"):
+        if name not in extra:
+            raise ConfigError(f"tether ppo needs --{name}")
+    if not rewards:
+        raise ConfigError("tether ppo needs --reward (a reward-model directory or FILE.py:FUNCTION)")
+    weights = [float(w) for w in extra["reward_weights"].split(",")] if "reward_weights" in extra else None
+    device = pick_device(cfg.device)
+    reward = build_reward(
+        rewards if len(rewards) > 1 else rewards[0], weights=weights, device=device, batch_size=cfg.reward_batch_size
+    )
+    trainer = PPOTrainer(
+        cfg, policy=extra["policy"], reward=reward, prompts=extra["prompts"], tokenizer=extra.get("tokenizer")
+    )
+    if resume is not None:
+        ckpt = trainer.resume(resume)
+        print(f"resumed from {ckpt} (step {trainer.step})")
+    trainer.train()
+    print(f"run directory: {trainer.run_dir}\nfinal model:   {trainer.run_dir / 'final'}")
+    return 0

@@ -1,0 +1,81 @@
+"""The ``tether`` command line: ``tether ppo | rm | demo | check-reward | report``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+USAGE = """usage: tether <command> [options]
+
+commands:
+  demo          the embedded end-to-end example (offline, CPU); --quick for the tiny toy task
+  ppo           PPO with a KL penalty:  tether ppo --config run.yaml --policy DIR --reward DIR_OR_FILE.py:FN
+                --prompts FILE --output_dir DIR [--field value ...] [--resume RUN_DIR]
+  rm            train a reward model (Bradley-Terry) on preference pairs
+  check-reward  sanity-check a reward model or function before RL
+  report        build an HTML report from one or more run directories
+
+Run `tether <command> --help` for the options of one command.
+"""
+
+# Errors a user can fix from the message alone: printed as one line, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, ImportError, KeyError)
+
+
+def _ppo(argv: Sequence[str]) -> int:
+    from tether.trainers.ppo import main
+
+    return main(argv)
+
+
+def _rm(argv: Sequence[str]) -> int:
+    from tether.trainers.reward import main
+
+    return main(list(argv))
+
+
+def _demo(argv: Sequence[str]) -> int:
+    from tether.demo.main import main
+
+    return main(list(argv))
+
+
+def _check_reward(argv: Sequence[str]) -> int:
+    from tether.rewards.check import main
+
+    return main(list(argv))
+
+
+def _report(argv: Sequence[str]) -> int:
+    from tether.report import main
+
+    return main(list(argv))
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "ppo": _ppo,
+    "rm": _rm,
+    "demo": _demo,
+    "check-reward": _check_reward,
+    "report": _report,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"tether: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command](rest)
+    except USER_ERRORS as exc:
+        print(f"tether {command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
