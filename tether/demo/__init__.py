@@ -1,0 +1,1 @@
+"""The embedded default task of ``tether demo``: SmolLM2-135M, movie-review prompts, a sentiment reward."""
