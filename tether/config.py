@@ -33,12 +33,21 @@ class KLConfig:
     """Target KL per sequence for the adaptive controller (Ziegler et al. 2019); None keeps coef fixed."""
     horizon: int = 10_000
     """Adaptive controller horizon in episodes."""
-    estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator used in the reward: k1 = log p - log q (TRL's default), k3 >= 0 always."""
+    estimator: Literal["k1", "k2", "k3", "full"] = "k1"
+    """Per-token KL estimator: k1 = log p - log q (TRL's default), k3 >= 0 per sample, or full = the exact KL
+    between the policy's and the reference's next-token distributions (>= 0, no sampling noise)."""
+    placement: Literal["reward", "loss"] = "reward"
+    """Where the penalty goes: in the per-token reward (PPO, InstructGPT) or as a loss term (GRPO-style);
+    the loss needs an estimator whose gradient is the KL's (k2, k3 or full), not k1."""
 
     def __post_init__(self) -> None:
         if self.coef < 0:
             raise ConfigError(f"kl.coef must be >= 0, got {self.coef}")
+        if self.placement == "loss" and self.estimator == "k1":
+            raise ConfigError(
+                "kl.placement='loss' with kl.estimator='k1': the gradient of the k1 estimate is zero in "
+                "expectation, so the penalty would do nothing; use k2, k3 or full"
+            )
 
 
 @dataclass
@@ -94,7 +103,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if origin in (list, Sequence, tuple):
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            if value.strip().startswith("["):
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    raise ConfigError(f"{where}: cannot read the list {value!r}") from None
+            else:
+                value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         inner = args[0] if args else Any
@@ -241,11 +256,8 @@ def load_config(
         base = _read_yaml_mapping(config_path)
     extras = {k: args.pop(k) for k in list(args) if k in extra}
     for key, raw in args.items():
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        _set_dotted(base, key, raw if isinstance(value, dict) else value)
+        # Kept as text: _coerce converts it to the field's type (YAML would turn "0123" into 83).
+        _set_dotted(base, key, raw)
     try:
         return from_dict(cls, base), extras
     except ConfigError as exc:

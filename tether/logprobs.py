@@ -10,12 +10,15 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+# Rows of [*, V] processed at once: bounds the float32 temporaries to _ROWS_PER_BLOCK x V.
+_ROWS_PER_BLOCK = 256
+
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``log_softmax(logits / temperature)`` gathered at ``index``, in float32.
 
-    logits [..., V], index [...] -> [...]. Computed as ``logit[index] - logsumexp(logits)`` row by row
-    so the full [..., V] log-softmax is never materialised a second time (as TRL's helper does).
+    logits [..., V], index [...] -> [...]. Computed as ``logit[index] - logsumexp(logits)`` a block of
+    rows at a time so the full [..., V] log-softmax is never materialised (as TRL's helper does).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -23,21 +26,26 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature
     if temperature != 1.0:
         logits = logits / temperature
     picked = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
-    # One row at a time along the batch keeps the peak memory to one [T, V] buffer.
-    lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
-    return picked - lse
+    flat = logits.reshape(-1, logits.shape[-1])
+    lse = torch.cat([torch.logsumexp(block, dim=-1) for block in flat.split(_ROWS_PER_BLOCK)])
+    return picked - lse.view(picked.shape)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of ``softmax(logits / temperature)`` over the last dim: [..., V] -> [...], float32."""
+    """Entropy of ``softmax(logits / temperature)`` over the last dim: [..., V] -> [...], float32.
+
+    Entries at -inf (masked vocabulary) contribute 0, not NaN.
+    """
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
+    flat = logits.reshape(-1, logits.shape[-1])
     out = []
-    for row in logits:  # row-wise for the same memory reason as selective_log_softmax
-        logp = torch.log_softmax(row, dim=-1)
-        out.append(-(logp.exp() * logp).sum(-1))
-    return torch.stack(out)
+    for block in flat.split(_ROWS_PER_BLOCK):  # blockwise for the same memory reason as above
+        logp = torch.log_softmax(block, dim=-1)
+        p = logp.exp()
+        out.append(-torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1))
+    return torch.cat(out).view(logits.shape[:-1])
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,151 @@
+"""Sampling: the KL-safety check, EOS truncation, the missing-EOS penalty and clean generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tether.sampling import (
+    KLBiasError,
+    SamplingConfig,
+    check_sampling_config,
+    generate,
+    missing_eos_penalty,
+    truncate_at_eos,
+)
+from tether.toy import make_toy_model, make_toy_tokenizer
+
+
+@pytest.fixture()
+def toy():
+    tokenizer = make_toy_tokenizer()
+    model = make_toy_model(tokenizer)
+    model.eval()
+    return tokenizer, model
+
+
+def test_check_sampling_config_accepts_pure_sampling() -> None:
+    check_sampling_config(SamplingConfig())
+    check_sampling_config(SamplingConfig(max_new_tokens=5, temperature=0.7, top_k=0, top_p=1.0))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("top_k", 50), ("top_p", 0.9), ("min_new_tokens", 5), ("repetition_penalty", 1.2)],
+)
+def test_check_sampling_config_refuses_kl_biasing_settings(field: str, value: float) -> None:
+    cfg = SamplingConfig(**{field: value})
+    with pytest.raises(KLBiasError) as info:
+        check_sampling_config(cfg)
+    message = str(info.value)
+    assert f"{field}={value}" in message
+    assert "negative" in message
+    assert isinstance(info.value, ValueError)
+
+
+def test_sampling_config_validates_its_own_fields() -> None:
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(temperature=0.0)
+
+
+def test_truncate_at_eos_by_hand() -> None:
+    eos, pad = 1, 0
+    ids = torch.tensor(
+        [
+            [5, 1, 7, 1],  # EOS in the middle: kept, everything after -> pad (a later EOS too)
+            [5, 6, 7, 8],  # no EOS: all four kept
+            [1, 6, 7, 8],  # EOS at position 0: a response of one token, the EOS
+            [5, 6, 7, 1],  # EOS as the last token
+        ]
+    )
+    out = truncate_at_eos(ids, [eos], pad)
+    assert out.response_ids.tolist() == [[5, 1, 0, 0], [5, 6, 7, 8], [1, 0, 0, 0], [5, 6, 7, 1]]
+    assert out.response_mask.tolist() == [
+        [True, True, False, False],
+        [True, True, True, True],
+        [True, False, False, False],
+        [True, True, True, True],
+    ]
+    assert out.response_mask.dtype == torch.bool
+    assert out.has_eos.tolist() == [True, False, True, True]
+
+
+def test_truncate_at_eos_with_several_eos_ids() -> None:
+    # EOS ids 1 and 2 (e.g. <eos> and <|im_end|>); pad 9; the first of either ends the response
+    ids = torch.tensor([[5, 2, 1, 8], [5, 6, 1, 2], [5, 6, 7, 8]])
+    out = truncate_at_eos(ids, [1, 2], pad_token_id=9)
+    assert out.response_ids.tolist() == [[5, 2, 9, 9], [5, 6, 1, 9], [5, 6, 7, 8]]
+    assert out.response_mask.sum(-1).tolist() == [2, 3, 4]
+    assert out.has_eos.tolist() == [True, True, False]
+    # with only id 1 counted, row 0 runs on to position 2
+    assert truncate_at_eos(ids, [1], 9).response_mask.sum(-1).tolist() == [3, 3, 4]
+
+
+def test_missing_eos_penalty() -> None:
+    scores = torch.tensor([1.0, 2.0, 3.0])
+    has_eos = torch.tensor([True, False, True])
+    # only the row without EOS loses 1.5: 2.0 - 1.5 = 0.5
+    torch.testing.assert_close(missing_eos_penalty(scores, has_eos, 1.5), torch.tensor([1.0, 0.5, 3.0]))
+    torch.testing.assert_close(missing_eos_penalty(scores, has_eos, None), scores)
+    torch.testing.assert_close(missing_eos_penalty(scores, has_eos, -1.0), torch.tensor([1.0, 3.0, 3.0]))
+
+
+@pytest.mark.parametrize("eos_tokens", [["<eos>"], [".", "!"]])
+def test_generate_stops_at_eos_and_pads_after_it(toy, eos_tokens: list[str]) -> None:
+    """Tokens after the first EOS are only pad; EOS ids the model's own config does not know count too."""
+    tokenizer, model = toy
+    eos_ids = tokenizer.convert_tokens_to_ids(eos_tokens)
+    eos_arg = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    pad = tokenizer.unk_token_id  # a pad distinct from every EOS, so "after EOS" is visible in the ids
+    assert pad not in eos_ids
+    enc = tokenizer(["abc", "hello", "xy"] * 8, return_tensors="pt", padding=True)
+    P = enc.input_ids.shape[1]
+    torch.manual_seed(0)
+    out = generate(model, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=24), eos_arg, pad)
+    assert out.scores is None
+    assert torch.equal(out.sequences[:, :P], enc.input_ids)
+    response = out.sequences[:, P:]
+    T = response.shape[1]
+    assert 1 <= T <= 24
+    is_eos = torch.isin(response, torch.tensor(eos_ids))
+    first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), torch.full((24,), T))
+    # the test only means something if some rows did stop well before the end
+    assert (first < T - 2).sum() >= 5
+    for row, f in zip(response, first.tolist(), strict=True):
+        assert (row[f + 1 :] == pad).all(), row.tolist()
+    # and truncation recovers exactly the same cut
+    cut = truncate_at_eos(response, eos_ids, pad)
+    assert torch.equal(cut.response_ids, response)
+    assert cut.has_eos.tolist() == (first < T).tolist()
+
+
+def test_generate_ignores_the_models_own_generation_defaults(toy) -> None:
+    """A model whose generation_config.json sets top_k/top_p/repetition_penalty still samples purely."""
+    tokenizer, model = toy
+    model.generation_config.top_k = 5
+    model.generation_config.top_p = 0.5
+    model.generation_config.repetition_penalty = 2.0
+    eos = tokenizer.eos_token_id
+    enc = tokenizer(["abcab"] * 300, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    cfg = SamplingConfig(max_new_tokens=1, temperature=0.7)
+    out = generate(
+        model, enc.input_ids, enc.attention_mask, cfg, eos, tokenizer.pad_token_id, output_scores=True
+    )
+    # 1. the processed scores of the first step are exactly logits / temperature: top-k or top-p would
+    #    put -inf on most tokens, a repetition penalty would change the scores of 'a', 'b' and 'c'.
+    with torch.no_grad():
+        logits = model(input_ids=enc.input_ids[:1]).logits[0, -1]
+    assert out.scores is not None and len(out.scores) == 1
+    assert torch.isfinite(out.scores[0]).all()
+    torch.testing.assert_close(out.scores[0], (logits / 0.7).expand_as(out.scores[0]), rtol=0, atol=1e-5)
+    # 2. the near-uniform random model gives many distinct first tokens over 300 samples: top_k=5 allows 5,
+    #    top_p=0.5 about half of the 32
+    first_tokens = out.sequences[:, enc.input_ids.shape[1]]
+    assert first_tokens.unique().numel() > 24
+    # 3. the model's own settings are restored afterwards
+    assert model.generation_config.top_k == 5
+    assert model.generation_config.top_p == 0.5
+    assert model.generation_config.repetition_penalty == 2.0
