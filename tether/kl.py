@@ -7,6 +7,7 @@ from the policy (Schulman, "Approximating KL Divergence", 2020):
 - ``k1 = -log r``: unbiased, but a single sample can be negative.
 - ``k2 = (log r)^2 / 2``: biased, low variance, >= 0.
 - ``k3 = (r - 1) - log r``: unbiased and >= 0 for every sample.
+- ``full``: no estimate at all; the exact KL between the two next-token distributions (``kl_full``).
 
 All three are unbiased/low-bias only when the token really was sampled from the policy's own
 distribution at the same temperature; see ``tether.sampling`` for the settings that break that.
@@ -20,7 +21,7 @@ from typing import Literal
 
 import torch
 
-KLEstimatorName = Literal["k1", "k2", "k3"]
+KLEstimatorName = Literal["k1", "k2", "k3", "full"]
 
 
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -38,6 +39,26 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     log_ratio = ref_logprobs.float() - logprobs.float()
     # expm1 keeps precision when the two models agree (log_ratio ~ 0), where exp(x) - 1 cancels.
     return torch.expm1(log_ratio) - log_ratio
+
+
+def kl_full(
+    logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0, chunk_size: int = 64
+) -> torch.Tensor:
+    """Exact per-token KL(policy || reference) over the whole vocabulary.
+
+    logits, ref_logits [B, T, V] -> [B, T] float32, ``sum_v p_v (log p_v - log q_v)`` with both
+    distributions at the sampling temperature. It is >= 0 by construction, whatever produced the
+    tokens, and has no sampling noise. Computed ``chunk_size`` positions at a time so the float32
+    log-softmaxes of both models exist for one chunk only, never for the whole [B, T, V].
+    Differentiable (used as a loss term too).
+    """
+    out = []
+    for s in range(0, logits.shape[1], chunk_size):
+        logp = torch.log_softmax(logits[:, s : s + chunk_size].float() / temperature, dim=-1)
+        logq = torch.log_softmax(ref_logits[:, s : s + chunk_size].float() / temperature, dim=-1)
+        out.append((logp.exp() * (logp - logq)).sum(-1))
+    # Rounding can give -1e-9 where the two distributions agree; the true value is >= 0.
+    return torch.cat(out, dim=1).clamp(min=0.0)
 
 
 KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {

@@ -41,7 +41,11 @@ class SamplingConfig:
     min_new_tokens: int = 0
     """0 allows EOS from the first token. A minimum suppresses EOS and biases the KL estimate."""
     repetition_penalty: float = 1.0
-    """1.0 disables it. Other values reshape the distribution and are refused."""
+    """1.0 disables it. Other values reshape the distribution and are refused (even with allow_biased)."""
+    allow_biased: bool = False
+    """Opt in to top_k / top_p / min_new_tokens. The PPO ratio then uses the logprobs of the distribution
+    actually sampled from (the same warps applied in the training forward), and the KL penalty must use an
+    estimator that cannot go negative (kl.estimator = "k3" or "full")."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -65,16 +69,68 @@ def kl_biasing_settings(cfg: SamplingConfig) -> list[str]:
 
 
 def check_sampling_config(cfg: SamplingConfig) -> None:
-    """Refuse settings that bias the KL estimate, with the reason."""
+    """Refuse settings that bias the KL estimate, with the reason (unless ``allow_biased``)."""
     bad = kl_biasing_settings(cfg)
+    if cfg.allow_biased:
+        if cfg.repetition_penalty != 1.0:
+            raise KLBiasError(
+                f"repetition_penalty={cfg.repetition_penalty} is refused even with allow_biased: it depends on "
+                "every earlier token, and tether does not reproduce it exactly in the training forward"
+            )
+        return
     if bad:
         raise KLBiasError(
             f"refusing sampling settings {', '.join(bad)}: they sample tokens from a distribution other than "
             "the policy's own, so the per-token KL estimate log p_policy - log p_ref is biased and can go "
             "negative; because the reward is score - kl_coef * KL, the policy is then paid for driving the "
             "KL negative instead of learning the reward (TRL Training FAQ, 'negative KL'). Use pure sampling: "
-            "top_k=0, top_p=1.0, min_new_tokens=0, repetition_penalty=1.0."
+            "top_k=0, top_p=1.0, min_new_tokens=0, repetition_penalty=1.0, or set sampling.allow_biased=true "
+            "with kl.estimator 'k3' or 'full' to have tether handle top-k/top-p/min_new_tokens exactly."
         )
+
+
+def biased_sampling_warning(cfg: SamplingConfig) -> str | None:
+    """The start-of-run warning for ``allow_biased`` runs that really use a biasing setting."""
+    bad = kl_biasing_settings(cfg)
+    if not cfg.allow_biased or not bad:
+        return None
+    return (
+        f"warning: sampling with {', '.join(bad)} (sampling.allow_biased=true). Responses are not drawn from "
+        "the policy's own distribution, so the usual per-token KL estimate log p_policy - log p_ref can go "
+        "negative and would pay the policy for exploiting it (TRL Training FAQ, 'negative KL'). tether "
+        "computes the PPO ratio under the same warped distribution that generated the tokens and requires a KL "
+        "estimator that is >= 0 for every sample (k3 or full); watch objective/kl and kl/negative_fraction, and "
+        "prefer pure sampling (top_k=0, top_p=1.0, min_new_tokens=0) unless the task needs these settings."
+    )
+
+
+def warp_logits(logits: torch.Tensor, cfg: SamplingConfig, eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """Apply the sampling warps of ``cfg`` to response logits, exactly as ``generate`` does.
+
+    logits [B, T, V] (position t predicts response token t) -> float32 [B, T, V] whose log-softmax is the
+    distribution tokens were sampled from. Same order and tie rules as transformers' processors:
+    min_new_tokens (EOS -> -inf while t < min_new_tokens), temperature, top-k, top-p (keeping >= 1 token).
+    """
+    out = logits.float()
+    if cfg.min_new_tokens:
+        early = torch.arange(out.shape[1], device=out.device) < cfg.min_new_tokens  # [T]
+        eos = torch.zeros(out.shape[-1], dtype=torch.bool, device=out.device)
+        eos[list(eos_token_ids)] = True
+        out = out.masked_fill(early[None, :, None] & eos[None, None, :], float("-inf"))
+    if cfg.temperature != 1.0:
+        out = out / cfg.temperature
+    if cfg.top_k:
+        k = min(cfg.top_k, out.shape[-1])
+        kth = torch.topk(out, k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(out, descending=False, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove_sorted = cumulative <= (1 - cfg.top_p)
+        remove_sorted[..., -1:] = False
+        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+        out = out.masked_fill(remove, float("-inf"))
+    return out
 
 
 def generation_config(cfg: SamplingConfig, eos_token_id: int | list[int], pad_token_id: int) -> GenerationConfig:
@@ -88,7 +144,6 @@ def generation_config(cfg: SamplingConfig, eos_token_id: int | list[int], pad_to
         num_beams=1,
         max_new_tokens=cfg.max_new_tokens,
         min_new_tokens=cfg.min_new_tokens or None,
-        min_length=0,
         temperature=cfg.temperature,
         top_k=cfg.top_k or 0,
         top_p=cfg.top_p,

@@ -22,8 +22,12 @@ class Rollout:
     attention_mask: torch.Tensor  # [B, L] 1 on real prompt tokens and on response tokens up to EOS
     response_mask: torch.Tensor  # [B, T] bool
     prompt_length: int  # P
-    logprobs: torch.Tensor  # [B, T] policy logprobs at sampling time (old logprobs), float32
-    ref_logprobs: torch.Tensor  # [B, T] reference logprobs, float32
+    logprobs: torch.Tensor  # [B, T] old logprobs: the policy's, under the distribution sampled from, float32
+    model_logprobs: torch.Tensor  # [B, T] the policy's own distribution at the temperature (for KL); same as
+    #                               logprobs unless sampling.allow_biased warps the sampling distribution
+    ref_logprobs: torch.Tensor  # [B, T] reference logprobs at the temperature, float32
+    kl: torch.Tensor  # [B, T] per-token KL estimate (kl.estimator), 0 outside the response mask
+    gen_logprobs: torch.Tensor  # [B, T] logprobs generate() itself sampled with (from its scores)
     values: torch.Tensor  # [B, T] value of the state before each response token, float32
     entropy: torch.Tensor  # [B, T] entropy of the policy's next-token distribution, float32
     has_eos: torch.Tensor  # [B] bool

@@ -20,11 +20,12 @@ mini / micro [gradient_accumulation_steps].
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ from tether.checkpoint import (
 )
 from tether.config import ConfigError, KLConfig, LoggingConfig, save_yaml, to_dict
 from tether.data import PromptData, PromptSampler, check_prompt_lengths, load_prompts
-from tether.kl import KL_ESTIMATORS, kl_k1, kl_shaped_rewards, make_kl_controller
+from tether.kl import KL_ESTIMATORS, kl_full, kl_k1, kl_shaped_rewards, make_kl_controller
 from tether.logging import Progress, build_loggers
 from tether.logprobs import entropy_from_logits, response_logits, selective_log_softmax
 from tether.losses import aggregate, loss_normalizer, ppo_clip_loss, value_loss
@@ -59,12 +60,21 @@ from tether.ops import exact_div, masked_mean, masked_var, masked_whiten
 from tether.rewards import Reward, build_reward
 from tether.sampling import (
     SamplingConfig,
+    biased_sampling_warning,
     check_sampling_config,
     generate,
+    kl_biasing_settings,
     missing_eos_penalty,
     truncate_at_eos,
+    warp_logits,
 )
 from tether.types import Rollout
+
+
+class PolicyForward(NamedTuple):
+    logprobs: torch.Tensor  # [b, T] under the distribution sampled from (the PPO ratio's logprobs)
+    model_logprobs: torch.Tensor  # [b, T] under the policy's own distribution at the temperature (for KL)
+    logits: torch.Tensor  # [b, T, V] raw logits predicting each response token
 
 
 @dataclass
@@ -139,6 +149,11 @@ class PPOConfig:
             raise ConfigError(f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
         if self.whiten_advantages and self.rollout_batch_size < 2:
             raise ConfigError("whiten_advantages needs rollout_batch_size >= 2")
+        if self.sampling.allow_biased and self.kl.estimator not in ("k3", "full"):
+            raise ConfigError(
+                f"sampling.allow_biased=true needs kl.estimator 'k3' or 'full' (got {self.kl.estimator!r}): "
+                "with warped sampling the k1/k2 estimates are biased, and k1 can go negative and be exploited"
+            )
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -191,6 +206,9 @@ class PPOTrainer:
     ) -> None:
         self.config = config
         check_sampling_config(config.sampling)
+        warning = biased_sampling_warning(config.sampling)
+        if warning:
+            print(warning, file=sys.stderr)
         self.device = pick_device(config.device)
         torch.manual_seed(config.seed)
 
@@ -285,40 +303,88 @@ class PPOTrainer:
         P = prompt_ids.shape[1]
         self.policy.eval()
         gen = generate(
-            self.policy, prompt_ids, prompt_mask, cfg.sampling, self.eos_token_ids, self.tokenizer.pad_token_id
+            self.policy,
+            prompt_ids,
+            prompt_mask,
+            cfg.sampling,
+            self.eos_token_ids,
+            self.tokenizer.pad_token_id,
+            output_scores=True,
         )
         cut = truncate_at_eos(gen.sequences[:, P:], self.eos_token_ids, self.tokenizer.pad_token_id)
         T = max(int(cut.response_mask.sum(-1).max().item()), 1)  # drop columns that are padding everywhere
         response_ids, response_mask = cut.response_ids[:, :T], cut.response_mask[:, :T]
         input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # [B, L]
         attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)  # [B, L]
+        # What generate() sampled with: its scores are the processed (warped, temperature-scaled) logits.
+        gen_scores = torch.stack(gen.scores[:T], dim=1)  # [B, T, V]
+        gen_logprobs = selective_log_softmax(gen_scores, response_ids, 1.0).masked_fill(~response_mask, 0.0)
+        del gen_scores
 
         chunk = cfg.forward_batch_size or cfg.micro_batch_size
-        logprobs, ref_logprobs, values, entropy = [], [], [], []
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("lp", "model_lp", "ref_lp", "kl", "values", "ent")}
         self.value_model.eval()
-        temperature = cfg.sampling.temperature
         for s in range(0, input_ids.shape[0], chunk):
             ids, att = input_ids[s : s + chunk], attention_mask[s : s + chunk]
-            logits = response_logits(self.policy, ids, att, P)  # [b, T, V]
-            logprobs.append(selective_log_softmax(logits, ids[:, P:], temperature))
-            entropy.append(entropy_from_logits(logits, temperature))
-            del logits
+            fwd = self._policy_forward(ids, att, P)
             ref_logits = response_logits(self.ref_policy, ids, att, P)
-            ref_logprobs.append(selective_log_softmax(ref_logits, ids[:, P:], temperature))
+            ref_lp = selective_log_softmax(ref_logits, ids[:, P:], cfg.sampling.temperature)
+            kl = self._kl(fwd.model_logprobs, ref_lp, fwd.logits, ref_logits)
             del ref_logits
-            values.append(self.value_model(ids, att)[:, P - 1 : -1])  # value of the state before each token
+            parts["lp"].append(fwd.logprobs)
+            parts["model_lp"].append(fwd.model_logprobs)
+            parts["ref_lp"].append(ref_lp)
+            parts["kl"].append(kl)
+            parts["ent"].append(entropy_from_logits(fwd.logits, cfg.sampling.temperature))
+            parts["values"].append(self.value_model(ids, att)[:, P - 1 : -1])  # value of the state before each token
+        cat = {k: torch.cat(v) for k, v in parts.items()}
         # clone(): tensors made under inference_mode cannot be saved for backward in the update.
         return Rollout(
             input_ids=input_ids.clone(),
             attention_mask=attention_mask.clone(),
             response_mask=response_mask.clone(),
             prompt_length=P,
-            logprobs=torch.cat(logprobs).clone(),
-            ref_logprobs=torch.cat(ref_logprobs).clone(),
-            values=torch.cat(values).clone(),
-            entropy=torch.cat(entropy).clone(),
+            logprobs=cat["lp"].clone(),
+            model_logprobs=cat["model_lp"].clone(),
+            ref_logprobs=cat["ref_lp"].clone(),
+            kl=cat["kl"].masked_fill(~response_mask, 0.0).clone(),
+            gen_logprobs=gen_logprobs.clone(),
+            values=cat["values"].clone(),
+            entropy=cat["ent"].clone(),
             has_eos=cut.has_eos.clone(),
         )
+
+    def _policy_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, P: int) -> PolicyForward:
+        """Policy logprobs of the response tokens: under the sampled distribution and the model's own.
+
+        Both are at the sampling temperature. They differ only when ``sampling.allow_biased`` warps the
+        sampling distribution (top-k, top-p, min_new_tokens); then the PPO ratio uses the warped one, so
+        the ratio is that of the distribution that really generated the tokens.
+        """
+        sampling = self.config.sampling
+        logits = response_logits(self.policy, input_ids, attention_mask, P)  # [b, T, V]
+        response_ids = input_ids[:, P:]
+        model_lp = selective_log_softmax(logits, response_ids, sampling.temperature)
+        if sampling.allow_biased and kl_biasing_settings(sampling):
+            warped = warp_logits(logits, sampling, self.eos_token_ids)
+            lp = selective_log_softmax(warped, response_ids, 1.0)
+        else:
+            lp = model_lp
+        return PolicyForward(lp, model_lp, logits)
+
+    def _kl(
+        self,
+        model_logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor,
+        logits: torch.Tensor,
+        ref_logits: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Per-token KL of the configured estimator, [b, T]; ``full`` needs the reference logits."""
+        if self.config.kl.estimator == "full":
+            if ref_logits is None:
+                raise ValueError("the full KL needs the reference logits")
+            return kl_full(logits, ref_logits, self.config.sampling.temperature)
+        return KL_ESTIMATORS[self.config.kl.estimator](model_logprobs, ref_logprobs)
 
     # ------------------------------------------------------------------ 5. update
 
@@ -328,14 +394,14 @@ class PPOTrainer:
         """Loss of one micro-batch, already divided by the whole mini-batch's ``normalizer``."""
         cfg = self.config
         P, mask = batch.prompt_length, batch.response_mask
-        logits = response_logits(self.policy, batch.input_ids, batch.attention_mask, P)
-        new_logprobs = selective_log_softmax(logits, batch.response_ids, cfg.sampling.temperature)
+        fwd = self._policy_forward(batch.input_ids, batch.attention_mask, P)
         new_values = self.value_model(batch.input_ids, batch.attention_mask)[:, P - 1 : -1]
-        pg = ppo_clip_loss(new_logprobs, batch.logprobs, advantages, mask, cfg.cliprange, cfg.cliprange_high)
+        pg = ppo_clip_loss(fwd.logprobs, batch.logprobs, advantages, mask, cfg.cliprange, cfg.cliprange_high)
         vf = value_loss(new_values, batch.values, returns, mask, cfg.cliprange_value)
         agg = cfg.loss_aggregation
         pg_loss = aggregate(pg.loss, mask, agg, normalizer)
         vf_loss = aggregate(vf.loss, mask, agg, normalizer)
+        loss = pg_loss + cfg.vf_coef * vf_loss
         stats = {  # sums over this micro-batch's tokens; divided by the mini-batch token count later
             "policy/loss": pg_loss.detach(),
             "value/loss": vf_loss.detach(),
@@ -343,7 +409,16 @@ class PPOTrainer:
             "policy/clipfrac": pg.clipped.float().sum(),
             "value/clipfrac": vf.clipped.float().sum(),
         }
-        return pg_loss + cfg.vf_coef * vf_loss, stats
+        if cfg.kl.placement == "loss":
+            ref_logits = None
+            if cfg.kl.estimator == "full":  # the exact KL needs the reference's whole distribution again
+                with torch.no_grad():
+                    ref_logits = response_logits(self.ref_policy, batch.input_ids, batch.attention_mask, P)
+            kl = self._kl(fwd.model_logprobs, batch.ref_logprobs, fwd.logits, ref_logits)
+            kl_loss = aggregate(kl, mask, agg, normalizer)
+            loss = loss + self.kl_ctl.value * kl_loss
+            stats["policy/kl_loss"] = kl_loss.detach()
+        return loss, stats
 
     def update(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
         """``ppo_epochs`` passes of mini-batch optimiser steps with micro-batch gradient accumulation."""
@@ -393,7 +468,6 @@ class PPOTrainer:
         progress = Progress(
             cfg.num_steps * cfg.rollout_batch_size, "ppo", cfg.logging.progress_bar, initial=self.episode
         )
-        estimator = KL_ESTIMATORS[cfg.kl.estimator]
         history: list[dict[str, float]] = []
         try:
             while self.step < cfg.num_steps:
@@ -411,9 +485,11 @@ class PPOTrainer:
                 scores = missing_eos_penalty(reward_out.scores.to(self.device), ro.has_eos, cfg.missing_eos_penalty)
 
                 # 3. KL-shaped per-token rewards
-                kl = torch.where(mask, estimator(ro.logprobs, ro.ref_logprobs), torch.zeros_like(ro.logprobs))
+                kl = ro.kl  # [B, T], 0 outside the mask
                 kl_coef = self.kl_ctl.value
-                rewards, non_score = kl_shaped_rewards(scores, kl, mask, kl_coef)
+                # With the KL as a loss term (kl.placement = "loss") the reward carries the score alone.
+                reward_kl_coef = kl_coef if cfg.kl.placement == "reward" else 0.0
+                rewards, non_score = kl_shaped_rewards(scores, kl, mask, reward_kl_coef)
                 if cfg.whiten_rewards:
                     rewards = masked_whiten(rewards, mask, shift_mean=False)
 
@@ -477,7 +553,9 @@ class PPOTrainer:
         kl_coef: float,
     ) -> dict[str, float]:
         mask = ro.response_mask
-        seq_k1 = kl_k1(ro.logprobs, ro.ref_logprobs).masked_fill(~mask, 0.0).sum(-1)
+        seq_k1 = kl_k1(ro.model_logprobs, ro.ref_logprobs).masked_fill(~mask, 0.0).sum(-1)
+        # Rollout/trainer agreement: what generate() sampled with vs the training forward (same tokens).
+        logprob_diff = (ro.gen_logprobs - ro.logprobs).abs().masked_fill(~mask, 0.0)
         non_score_reward = non_score.sum(-1)
         residual_var = masked_var(returns - ro.values, mask) if mask.sum() > 1 else torch.tensor(float("nan"))
         returns_var = masked_var(returns, mask) if mask.sum() > 1 else torch.tensor(float("nan"))
@@ -493,6 +571,8 @@ class PPOTrainer:
             "value/explained_variance": float(1.0 - residual_var / returns_var),
             "rollout/response_length": float(mask.sum(-1).float().mean()),
             "rollout/eos_fraction": float(ro.has_eos.float().mean()),
+            "rollout/logprob_diff_max": float(logprob_diff.max()),
+            "rollout/logprob_diff_mean": float(logprob_diff.sum() / mask.sum().clamp(min=1)),
         }
         if len(components) > 1:
             for name, values in components.items():
