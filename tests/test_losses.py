@@ -34,8 +34,9 @@ def test_ppo_clip_loss_each_branch_by_hand() -> None:
         out.loss, torch.tensor([[-2.2, -2.4, 0.9, 0.8, -1.0, 1.5, 0.0]]), rtol=0, atol=1e-5
     )
     assert out.clipped.tolist() == [[False, True, False, True, False, False, False]]
+    # outside the mask the log-ratio is zeroed before exp (padding can hold -inf - -inf), so the ratio is 1
     torch.testing.assert_close(
-        out.ratio, torch.tensor([[1.1, 1.5, 0.9, 0.5, 0.5, 1.5, 2.0]]), rtol=0, atol=1e-5
+        out.ratio, torch.tensor([[1.1, 1.5, 0.9, 0.5, 0.5, 1.5, 1.0]]), rtol=0, atol=1e-5
     )
 
 
@@ -167,3 +168,14 @@ def test_micro_batch_invariance_needs_the_global_normalizer() -> None:
     # and plain summing of local means is off as well
     summed_local = sum(aggregate(loss[i:j], mask[i:j], "token-mean") for i, j in splits)
     assert abs(summed_local.item() - full.item()) > 1e-2
+
+
+def test_ppo_clip_loss_gradient_stays_finite_with_inf_logprobs_at_padding() -> None:
+    """Warped sampling gives -inf logprobs at padding; -inf - -inf must not turn the gradient into NaN."""
+    new = torch.tensor([[-0.5, -1.0, float("-inf")]], requires_grad=True)
+    old = torch.tensor([[-0.6, -1.0, float("-inf")]])
+    mask = torch.tensor([[True, True, False]])
+    out = ppo_clip_loss(new, old, torch.tensor([[1.0, -1.0, 3.0]]), mask)
+    aggregate(out.loss, mask, "token-mean").backward()
+    assert torch.isfinite(new.grad).all()
+    assert new.grad[0, 2] == 0.0

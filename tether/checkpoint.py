@@ -9,10 +9,12 @@ renamed into place, so a crash mid-save never leaves a half checkpoint where res
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 _STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Hide transformers' per-save/per-load progress bars, which would break tether's own progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def rng_state() -> dict[str, Any]:
@@ -53,7 +69,8 @@ def save_pretrained_atomic(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
+    with quiet_transformers():
+        model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     _replace_dir(tmp, out_dir)
@@ -85,7 +102,8 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    policy.save_pretrained(tmp / "policy")
+    with quiet_transformers():
+        policy.save_pretrained(tmp / "policy")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "policy")
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
@@ -121,6 +139,15 @@ def load_state(ckpt: Path) -> dict[str, Any]:
 
 
 def load_policy_weights(policy: PreTrainedModel, ckpt: Path) -> None:
-    """Load the checkpointed policy weights into ``policy`` in place (tied weights included)."""
-    saved = type(policy).from_pretrained(Path(ckpt) / "policy")
+    """Load the checkpointed policy weights into ``policy`` in place (tied weights, or LoRA adapters)."""
+    from tether.models import is_peft_model
+
+    path = Path(ckpt) / "policy"
+    if is_peft_model(policy):
+        from peft import load_peft_weights, set_peft_model_state_dict
+
+        set_peft_model_state_dict(policy, load_peft_weights(str(path)))
+        return
+    with quiet_transformers():
+        saved = type(policy).from_pretrained(path)
     policy.load_state_dict(saved.state_dict())

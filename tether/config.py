@@ -38,7 +38,8 @@ class KLConfig:
     between the policy's and the reference's next-token distributions (>= 0, no sampling noise)."""
     placement: Literal["reward", "loss"] = "reward"
     """Where the penalty goes: in the per-token reward (PPO, InstructGPT) or as a loss term (GRPO-style);
-    the loss needs an estimator whose gradient is the KL's (k2, k3 or full), not k1."""
+    the loss needs an estimator whose gradient is the KL's (k2, k3 or full), not k1. The exact (full) KL in
+    the reward also adds its direct gradient as a loss term, since it does not depend on the sampled token."""
 
     def __post_init__(self) -> None:
         if self.coef < 0:
@@ -68,6 +69,8 @@ class LoggingConfig:
     """Keep at most this many checkpoints (the newest)."""
     progress_bar: bool = True
     """Show a progress bar over total episodes."""
+    report: bool = True
+    """Write run_dir/report.html (plots, samples, health warnings) at the end of the run."""
 
 
 # ---------------------------------------------------------------------------------------------------

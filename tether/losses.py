@@ -18,7 +18,7 @@ LossAggregation = Literal["token-mean", "seq-mean"]
 class PolicyLossOutput(NamedTuple):
     loss: torch.Tensor  # [B, T] per-token clipped surrogate loss (to be aggregated)
     clipped: torch.Tensor  # [B, T] bool, True where the clipped branch was taken
-    approx_kl: torch.Tensor  # [B, T] per-token k3 estimate of KL(old || new), for monitoring
+    approx_kl: torch.Tensor  # [B, T] per-token k3 estimate of KL(old || new) of these logprobs, for monitoring
     ratio: torch.Tensor  # [B, T]
 
 
@@ -37,17 +37,29 @@ def ppo_clip_loss(
     """
     clip_high = clip_low if clip_high is None else clip_high
     mask = response_mask.bool()
-    log_ratio = logprobs.float() - old_logprobs.float()
+    # Masked positions are set to 0 *before* exp: padding can carry -inf - -inf = NaN logprob differences
+    # (warped sampling), and a NaN there would poison the gradient even behind a later torch.where.
+    log_ratio = torch.where(mask, logprobs.float() - old_logprobs.float(), torch.zeros_like(logprobs, dtype=torch.float32))
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     loss = torch.maximum(unclipped, clipped)
     zeros = torch.zeros_like(loss)
-    # k3 estimate of KL(old || new) on tokens sampled from the old policy: (r - 1) - log r with
-    # r = p_new / p_old, >= 0 per token (TRL logs a k2 variant as policy/approx_kl).
-    approx_kl = torch.where(mask, torch.expm1(log_ratio) - log_ratio, zeros).detach()
     took_clip = (clipped > unclipped) & mask
-    return PolicyLossOutput(torch.where(mask, loss, zeros), took_clip, approx_kl, ratio.detach())
+    return PolicyLossOutput(
+        torch.where(mask, loss, zeros), took_clip, approx_kl(logprobs, old_logprobs, mask), ratio.detach()
+    )
+
+
+def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(old || new) on tokens sampled from the old policy, for monitoring.
+
+    ``(r - 1) - log r`` with ``r = p_new / p_old``: >= 0 per token, 0 outside the mask, no gradient
+    (TRL logs a k2 variant as policy/approx_kl). [B, T] -> [B, T].
+    """
+    mask = response_mask.bool()
+    log_ratio = torch.where(mask, (logprobs - old_logprobs).detach().float(), torch.zeros_like(logprobs, dtype=torch.float32))
+    return torch.expm1(log_ratio) - log_ratio
 
 
 class ValueLossOutput(NamedTuple):

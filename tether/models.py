@@ -40,7 +40,7 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def load_causal_lm(policy: str | Path | PreTrainedModel) -> PreTrainedModel:
-    if isinstance(policy, PreTrainedModel):
+    if isinstance(policy, nn.Module):  # a transformers model, or a peft model wrapping one
         return policy
     path = Path(policy)
     if not path.exists():
@@ -77,12 +77,48 @@ def load_tokenizer(
     return tokenizer
 
 
-def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
-    """A frozen, eval-mode deep copy (the reference model)."""
+def is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is a dependency, but a missing one must not break full fine-tuning
+        return False
+    return isinstance(model, PeftModel)
+
+
+class AdapterDisabledReference(nn.Module):
+    """The reference of a LoRA policy: the same network with its adapters switched off.
+
+    No second copy of the weights is held; the frozen base *is* the reference (as TRL does for peft).
+    """
+
+    def __init__(self, peft_model: nn.Module) -> None:
+        super().__init__()
+        self._peft = [peft_model]  # a list, so the policy is not registered (and moved, saved) twice
+
+    def forward(self, **kwargs: Any) -> Any:
+        model = self._peft[0]
+        with model.disable_adapter():
+            return model(**kwargs)
+
+    def train(self, mode: bool = True) -> AdapterDisabledReference:  # noqa: ARG002 - always eval
+        return super().train(False)
+
+
+def frozen_copy(model: PreTrainedModel) -> nn.Module:
+    """The reference model: a frozen, eval-mode deep copy, or the adapter-disabled base of a peft model."""
+    if is_peft_model(model):
+        return AdapterDisabledReference(model)
     ref = copy.deepcopy(model)
     ref.eval()
     ref.requires_grad_(False)
     return ref
+
+
+def mergeable_copy(model: nn.Module) -> PreTrainedModel:
+    """A plain transformers model with any LoRA adapters merged in (what ``final/`` holds)."""
+    if is_peft_model(model):
+        return copy.deepcopy(model).merge_and_unload()
+    return model
 
 
 def backbone_of(model: PreTrainedModel) -> nn.Module:
@@ -105,11 +141,15 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_model(cls, model: PreTrainedModel) -> ValueModel:
+        if is_peft_model(model):  # the value network starts from the base weights, without the adapters
+            model = mergeable_copy(model)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
         if hidden is None:
             raise ValueError(f"cannot read the hidden size of {type(model).__name__}")
-        return cls(copy.deepcopy(backbone_of(model)), int(hidden))
+        backbone = copy.deepcopy(backbone_of(model))
+        backbone.requires_grad_(True)  # a LoRA policy's base is frozen; the value network trains in full
+        return cls(backbone, int(hidden))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.backbone(

@@ -42,10 +42,11 @@ from tether.checkpoint import (
 )
 from tether.config import ConfigError, KLConfig, LoggingConfig, save_yaml, to_dict
 from tether.data import PromptData, PromptSampler, check_prompt_lengths, load_prompts
+from tether.health import HealthMonitor, HealthWarning
 from tether.kl import KL_ESTIMATORS, kl_full, kl_k1, kl_shaped_rewards, make_kl_controller
 from tether.logging import Progress, build_loggers
 from tether.logprobs import entropy_from_logits, response_logits, selective_log_softmax
-from tether.losses import aggregate, loss_normalizer, ppo_clip_loss, value_loss
+from tether.losses import aggregate, approx_kl, loss_normalizer, ppo_clip_loss, value_loss
 from tether.models import (
     ValueModel,
     disable_dropout,
@@ -53,11 +54,13 @@ from tether.models import (
     is_causal_model,
     load_causal_lm,
     load_tokenizer,
+    mergeable_copy,
     pick_device,
     same_vocabulary,
 )
 from tether.ops import exact_div, masked_mean, masked_var, masked_whiten
-from tether.rewards import Reward, build_reward
+from tether.report import build_report
+from tether.rewards import Reward, RunningNorm, build_reward
 from tether.sampling import (
     SamplingConfig,
     biased_sampling_warning,
@@ -129,6 +132,15 @@ class PPOConfig:
     """Sequences per no-grad rollout forward (policy, reference, value); None = micro_batch_size."""
     reward_batch_size: int = 16
     """Texts per reward-model forward."""
+    reward_weights: list[float] | None = None
+    """One weight per reward component when several are given (default 1.0 each)."""
+    reward_baseline: Literal["none", "prompt"] = "none"
+    """"prompt" scores r(prompt + response) - r(prompt): removes the part of the reward the policy cannot
+    change (TRL Training FAQ, debugging: normalise a reward dominated by the prompt)."""
+    reward_norm: bool = False
+    """Normalise scores by the running mean/std of all scores seen so far."""
+    reward_clip: float | None = None
+    """Clip (normalised) scores to [-reward_clip, reward_clip]."""
     device: str = "auto"
     """"auto" (CUDA when available), "cpu", "cuda", "cuda:1", ..."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -222,8 +234,15 @@ class PPOTrainer:
         self.reward: Reward = (
             reward
             if isinstance(reward, Reward)
-            else build_reward(reward, device=self.device, batch_size=config.reward_batch_size)
+            else build_reward(
+                reward,
+                weights=config.reward_weights,
+                baseline=config.reward_baseline,
+                device=self.device,
+                batch_size=config.reward_batch_size,
+            )
         )
+        self.score_norm = RunningNorm(clip=None, shift_mean=True) if config.reward_norm else None
         self.ref_policy = ref_policy if ref_policy is not None else frozen_copy(self.policy)
         if value_model is None:
             value_model = ValueModel.from_model(self._value_init_source())
@@ -274,6 +293,8 @@ class PPOTrainer:
         self.sampler.load_state_dict(state["sampler"])
         self.update_generator.set_state(state["update_generator"])
         self.step, self.episode = int(state["step"]), int(state["episode"])
+        if self.score_norm is not None and state.get("score_norm") is not None:
+            self.score_norm.load_state_dict(state["score_norm"])
         set_rng_state(state["rng"])
         self._resumed_from = ckpt
         return ckpt
@@ -287,6 +308,7 @@ class PPOTrainer:
             "sampler": self.sampler.state_dict(),
             "update_generator": self.update_generator.get_state(),
             "episode": self.episode,
+            "score_norm": self.score_norm.state_dict() if self.score_norm is not None else None,
         }
         return save_checkpoint(
             self.run_dir, self.step, self.policy, self.tokenizer, state, self.config.logging.save_total_limit
@@ -402,14 +424,21 @@ class PPOTrainer:
         pg_loss = aggregate(pg.loss, mask, agg, normalizer)
         vf_loss = aggregate(vf.loss, mask, agg, normalizer)
         loss = pg_loss + cfg.vf_coef * vf_loss
+        # Monitored on the policy's own distribution: under top-k/top-p a token can leave the new warped
+        # support, which makes the warped KL infinite although the policy moved only a little.
+        policy_kl = approx_kl(fwd.model_logprobs, batch.model_logprobs, mask)
         stats = {  # sums over this micro-batch's tokens; divided by the mini-batch token count later
             "policy/loss": pg_loss.detach(),
             "value/loss": vf_loss.detach(),
-            "policy/approx_kl": pg.approx_kl.sum(),
+            "policy/approx_kl": policy_kl.sum(),
             "policy/clipfrac": pg.clipped.float().sum(),
             "value/clipfrac": vf.clipped.float().sum(),
         }
-        if cfg.kl.placement == "loss":
+        # The KL goes into the loss when placed there, and also for the exact KL in the reward: a
+        # per-token reward -beta * KL(pi(.|s_t) || ref(.|s_t)) does not depend on the sampled token, so the
+        # policy gradient only sees its effect on later states; the direct gradient of KL at s_t must be
+        # added as a loss term to get the gradient of the KL-regularised objective.
+        if cfg.kl.placement == "loss" or cfg.kl.estimator == "full":
             ref_logits = None
             if cfg.kl.estimator == "full":  # the exact KL needs the reference's whole distribution again
                 with torch.no_grad():
@@ -468,6 +497,8 @@ class PPOTrainer:
         progress = Progress(
             cfg.num_steps * cfg.rollout_batch_size, "ppo", cfg.logging.progress_bar, initial=self.episode
         )
+        health = HealthMonitor(max_new_tokens=cfg.sampling.max_new_tokens)
+        self.health_warnings: list[HealthWarning] = []
         history: list[dict[str, float]] = []
         try:
             while self.step < cfg.num_steps:
@@ -482,7 +513,8 @@ class PPOTrainer:
 
                 # 2. score
                 reward_out = self.reward(prompts, responses, columns)
-                scores = missing_eos_penalty(reward_out.scores.to(self.device), ro.has_eos, cfg.missing_eos_penalty)
+                raw_scores = missing_eos_penalty(reward_out.scores.to(self.device), ro.has_eos, cfg.missing_eos_penalty)
+                scores = self._shape_scores(raw_scores)
 
                 # 3. KL-shaped per-token rewards
                 kl = ro.kl  # [B, T], 0 outside the mask
@@ -511,6 +543,8 @@ class PPOTrainer:
                 self.step += 1
                 self.episode += cfg.rollout_batch_size
                 metrics = self._metrics(ro, scores, reward_out.components, seq_kl, non_score, returns, kl_coef)
+                if scores is not raw_scores:
+                    metrics["objective/raw_scores"] = float(raw_scores.mean())
                 metrics.update(update_stats)
                 n_gen_tokens = float(mask.sum())
                 metrics.update(
@@ -525,6 +559,9 @@ class PPOTrainer:
                 record = {"episode": self.episode, **metrics}
                 logger.log_metrics(record, self.step)
                 history.append({"step": self.step, **record})
+                for warning in health.update(metrics, self.step):
+                    self.health_warnings.append(warning)
+                    progress.write(str(warning))
                 if cfg.logging.sample_steps > 0 and (self.step % cfg.logging.sample_steps == 0 or self.step == 1):
                     rows = self._sample_rows(prompts, responses, scores, seq_kl)
                     logger.log_samples(rows, self.step)
@@ -534,11 +571,24 @@ class PPOTrainer:
                 )
                 if cfg.logging.save_steps > 0 and self.step % cfg.logging.save_steps == 0:
                     self._checkpoint()
-            save_pretrained_atomic(self.policy, self.tokenizer, self.run_dir / "final")
+            # A LoRA policy is saved merged, so final/ loads with AutoModelForCausalLM.from_pretrained.
+            save_pretrained_atomic(mergeable_copy(self.policy), self.tokenizer, self.run_dir / "final")
         finally:
             progress.close()
             logger.close()
+        if cfg.logging.report:
+            self.report_path = build_report([self.run_dir])
         return history
+
+    def _shape_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Optional running normalisation, then clipping, of the sequence scores [B]."""
+        if self.score_norm is not None:
+            self.score_norm.update(scores)
+            if self.score_norm.count >= 2:
+                scores = self.score_norm.normalize(scores)
+        if self.config.reward_clip is not None:
+            scores = scores.clamp(-self.config.reward_clip, self.config.reward_clip)
+        return scores
 
     # ------------------------------------------------------------------ metrics
 
@@ -568,13 +618,14 @@ class PPOTrainer:
             "objective/entropy": float(masked_mean(ro.entropy, mask)) if mask.any() else 0.0,
             "kl/coef": kl_coef,
             "kl/negative_fraction": float((seq_k1 < 0).float().mean()),
+            "kl/k1": float(seq_k1.mean()),
             "value/explained_variance": float(1.0 - residual_var / returns_var),
             "rollout/response_length": float(mask.sum(-1).float().mean()),
             "rollout/eos_fraction": float(ro.has_eos.float().mean()),
             "rollout/logprob_diff_max": float(logprob_diff.max()),
             "rollout/logprob_diff_mean": float(logprob_diff.sum() / mask.sum().clamp(min=1)),
         }
-        if len(components) > 1:
+        if len(components) > 1 or self.config.reward_baseline != "none":
             for name, values in components.items():
                 m[f"rewards/{name}/mean"] = float(values.mean())
                 m[f"rewards/{name}/std"] = float(values.std()) if values.numel() > 1 else 0.0
