@@ -202,18 +202,22 @@ def test_min_length_sampling_makes_k1_negative_while_the_exact_kl_is_positive(tm
     tok, policy, ref = _eos_heavy_policy_and_reference()
     monkeypatch.setattr(ppo_module, "check_sampling_config", lambda cfg: None)  # a library without the guard
     sampling = SamplingConfig(max_new_tokens=6, min_new_tokens=6)
-    results = {}
+    results, warnings = {}, {}
     for estimator in ("k1", "full"):
-        cfg = _config(tmp_path / estimator, steps=1, sampling=sampling, kl=tether.KLConfig(estimator=estimator))
+        cfg = _config(tmp_path / estimator, steps=6, sampling=sampling, kl=tether.KLConfig(estimator=estimator))
         cfg.learning_rate = 0.0
         trainer = tether.PPOTrainer(cfg, policy=copy.deepcopy(policy), tokenizer=tok, ref_policy=ref,
                                     reward=lambda p, r, **_: [0.0] * len(r), prompts=make_toy_prompts(32))
         results[estimator] = trainer.train()[0]
+        warnings[estimator] = {w.code for w in trainer.health_warnings}
     assert results["k1"]["objective/kl"] < -1.0  # the penalty turns into a bonus
     assert results["k1"]["kl/negative_fraction"] == 1.0
     assert results["k1"]["objective/non_score_reward"] > 0.0
     assert results["full"]["objective/kl"] > 1.0  # the same policy, the same rollouts: exact KL is positive
     assert results["full"]["kl/k1"] < 0.0  # (k1 is still logged beside it, and still negative)
+    # Several steps of negative KL raise the health warning that names the likely cause.
+    assert "kl_negative" in warnings["k1"]
+    assert "kl_negative" not in warnings["full"]
 
 
 def test_training_under_min_length_hides_the_kl_from_k1_but_not_from_full(tmp_path, monkeypatch):

@@ -241,3 +241,46 @@ def test_console_script_is_installed():
 
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
     assert scripts.get("tether") == "tether.cli:main"
+
+
+def test_value_model_starts_from_a_decoder_reward_model_with_the_policy_vocabulary(tmp_path):
+    from transformers import GPT2ForSequenceClassification
+
+    tok = make_toy_tokenizer()
+    policy = make_toy_model(tok, seed=0)
+    torch.manual_seed(1)
+    rm_config = copy.deepcopy(policy.config)
+    rm_config.num_labels = 1
+    rm = GPT2ForSequenceClassification(rm_config)
+    trainer = tether.PPOTrainer(small_config(tmp_path / "a", steps=1), policy=policy, tokenizer=tok,
+                                reward=(rm, tok), prompts=make_toy_prompts(16))
+    rm_wte = rm.transformer.wte.weight
+    assert torch.equal(trainer.value_model.backbone.wte.weight, rm_wte)
+    assert not torch.equal(trainer.value_model.backbone.wte.weight, policy.transformer.wte.weight)
+    assert torch.count_nonzero(trainer.value_model.head.weight) == 0  # the head starts at zero regardless
+    assert trainer.value_model.backbone.wte.weight.data_ptr() != rm_wte.data_ptr()  # a copy, not shared
+
+
+def test_lora_policy_uses_adapter_disabled_reference_and_saves_merged(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    tok = make_toy_tokenizer()
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    policy = get_peft_model(make_toy_model(tok, seed=0), lora)
+    cfg = small_config(tmp_path / "run", steps=2, learning_rate=1e-2,
+                       logging=tether.LoggingConfig(report_to=["jsonl"], progress_bar=False, save_steps=1))
+    trainer = tether.PPOTrainer(cfg, policy=policy, tokenizer=tok, reward=CharFractionReward(),
+                                prompts=make_toy_prompts(16))
+    base_params = sum(p.numel() for p in make_toy_model(tok).parameters())
+    ref_params = sum(p.numel() for p in trainer.ref_policy.parameters())
+    assert ref_params == 0  # no second copy of the weights: the reference is the base, adapters off
+    history = trainer.train()
+    assert history[0]["objective/kl"] == 0.0 and history[-1]["objective/kl"] != 0.0
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert sum(p.numel() for p in final.parameters()) == base_params  # merged, plain GPT-2
+    ids = torch.tensor([[3, 4, 5, 6]])
+    torch.testing.assert_close(final(ids).logits, trainer.policy.eval()(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    resumed = tether.PPOTrainer(cfg, policy=get_peft_model(make_toy_model(tok, seed=0), lora), tokenizer=tok,
+                                reward=CharFractionReward(), prompts=make_toy_prompts(16))
+    resumed.resume()
+    torch.testing.assert_close(resumed.policy.eval()(input_ids=ids).logits, trainer.policy(input_ids=ids).logits)

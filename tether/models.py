@@ -164,10 +164,3 @@ class ValueModel(nn.Module):
 
 def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
     return a.get_vocab() == b.get_vocab()
-
-
-def is_causal_model(model: PreTrainedModel) -> bool:
-    """True for decoder-only architectures (a bidirectional backbone would let values see the future)."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    return type(model.config) in MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(model.config, "is_encoder_decoder", False)

@@ -92,6 +92,7 @@ class Reward:
         weights: one weight per component.
         baseline: ``"none"`` or ``"prompt"`` (subtract each component's score of the prompt alone).
         models: the sequence-classification models among the components (may be empty), e.g. to move them.
+        tokenizers: the tokenizer of each of ``models``, in the same order.
     """
 
     def __init__(self, scorers: Sequence[_Scorer], weights: Sequence[float], baseline: Baseline) -> None:
@@ -107,6 +108,7 @@ class Reward:
         self.weights: list[float] = [float(w) for w in weights]
         self.baseline: Baseline = baseline
         self.models: list[PreTrainedModel] = [s.model for s in scorers if isinstance(s, _ModelScorer)]
+        self.tokenizers: list[PreTrainedTokenizerBase] = [s.tokenizer for s in scorers if isinstance(s, _ModelScorer)]
 
     def __call__(
         self, prompts: list[str], responses: list[str], columns: Mapping[str, Sequence[Any]] | None = None

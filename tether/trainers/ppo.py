@@ -51,7 +51,6 @@ from tether.models import (
     ValueModel,
     disable_dropout,
     frozen_copy,
-    is_causal_model,
     load_causal_lm,
     load_tokenizer,
     mergeable_copy,
@@ -61,6 +60,7 @@ from tether.models import (
 from tether.ops import exact_div, masked_mean, masked_var, masked_whiten
 from tether.report import build_report
 from tether.rewards import Reward, RunningNorm, build_reward
+from tether.rewards.model import uses_last_token_pooling
 from tether.sampling import (
     SamplingConfig,
     biased_sampling_warning,
@@ -275,9 +275,14 @@ class PPOTrainer:
     # ------------------------------------------------------------------ set-up helpers
 
     def _value_init_source(self) -> PreTrainedModel:
-        """The reward model when it can read the policy's tokens causally, else the policy."""
-        for model, tok in zip(self.reward.models, getattr(self.reward, "tokenizers", []), strict=False):
-            if is_causal_model(model) and same_vocabulary(tok, self.tokenizer):
+        """The reward model when it is a decoder that reads the policy's tokens, else the policy.
+
+        A value model must read the policy's token ids causally (a bidirectional encoder would let the
+        value of a position see the tokens after it), so an encoder reward model or one with another
+        vocabulary is not a valid starting point.
+        """
+        for model, tok in zip(self.reward.models, self.reward.tokenizers, strict=True):
+            if uses_last_token_pooling(model) and same_vocabulary(tok, self.tokenizer):
                 return model
         return self.policy
 
