@@ -48,17 +48,20 @@ def kl_full(
 
     logits, ref_logits [B, T, V] -> [B, T] float32, ``sum_v p_v (log p_v - log q_v)`` with both
     distributions at the sampling temperature. It is >= 0 by construction, whatever produced the
-    tokens, and has no sampling noise. Computed ``chunk_size`` positions at a time so the float32
-    log-softmaxes of both models exist for one chunk only, never for the whole [B, T, V].
-    Differentiable (used as a loss term too).
+    tokens, and has no sampling noise. Computed ``chunk_size`` token positions of one sequence at a
+    time, so the float32 log-softmaxes of both models exist for one block only, never
+    for the whole [B, T, V] (``bench/kl_cost.py`` measures the difference). Differentiable.
     """
-    out = []
-    for s in range(0, logits.shape[1], chunk_size):
-        logp = torch.log_softmax(logits[:, s : s + chunk_size].float() / temperature, dim=-1)
-        logq = torch.log_softmax(ref_logits[:, s : s + chunk_size].float() / temperature, dim=-1)
-        out.append((logp.exp() * (logp - logq)).sum(-1))
-    # Rounding can give -1e-9 where the two distributions agree; the true value is >= 0.
-    return torch.cat(out, dim=1).clamp(min=0.0)
+    rows = []
+    for b in range(logits.shape[0]):  # indexing (not reshape) keeps a strided slice of the logits a view
+        blocks = []
+        for s in range(0, logits.shape[1], chunk_size):
+            logp = torch.log_softmax(logits[b, s : s + chunk_size].float() / temperature, dim=-1)
+            logq = torch.log_softmax(ref_logits[b, s : s + chunk_size].float() / temperature, dim=-1)
+            blocks.append((logp.exp() * (logp - logq)).sum(-1))
+        rows.append(torch.cat(blocks))
+    # Documented clamp: float rounding gives ~-1e-9 where the two distributions agree; the true value is >= 0.
+    return torch.stack(rows).clamp(min=0.0)
 
 
 KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {

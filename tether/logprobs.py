@@ -5,6 +5,7 @@ Shapes: B batch, P prompt length (left-padded), T response length (right-padded)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -12,6 +13,20 @@ from torch import nn
 
 # Rows of [*, V] processed at once: bounds the float32 temporaries to _ROWS_PER_BLOCK x V.
 _ROWS_PER_BLOCK = 256
+
+
+def _row_blocks(x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """[..., V] -> blocks of at most _ROWS_PER_BLOCK rows [n, V], in row-major order, as views where possible.
+
+    Response logits are a strided slice of the model's output; ``reshape(-1, V)`` would copy the whole
+    [B, T, V] tensor, so a 3-D input is walked sequence by sequence instead.
+    """
+    if x.dim() == 1:
+        yield x.unsqueeze(0)
+        return
+    seqs = x.unsqueeze(0) if x.dim() == 2 else x.reshape(-1, *x.shape[-2:])
+    for seq in seqs:
+        yield from seq.split(_ROWS_PER_BLOCK)
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -26,8 +41,7 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature
     if temperature != 1.0:
         logits = logits / temperature
     picked = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
-    flat = logits.reshape(-1, logits.shape[-1])
-    lse = torch.cat([torch.logsumexp(block, dim=-1) for block in flat.split(_ROWS_PER_BLOCK)])
+    lse = torch.cat([torch.logsumexp(block, dim=-1) for block in _row_blocks(logits)])
     return picked - lse.view(picked.shape)
 
 
@@ -39,9 +53,8 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    flat = logits.reshape(-1, logits.shape[-1])
     out = []
-    for block in flat.split(_ROWS_PER_BLOCK):  # blockwise for the same memory reason as above
+    for block in _row_blocks(logits):  # blockwise for the same memory reason as above
         logp = torch.log_softmax(block, dim=-1)
         p = logp.exp()
         out.append(-torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1))
