@@ -36,6 +36,9 @@ class KLConfig:
     estimator: Literal["k1", "k2", "k3", "full"] = "k1"
     """Per-token KL estimator: k1 = log p - log q (TRL's default), k3 >= 0 per sample, or full = the exact KL
     between the policy's and the reference's next-token distributions (>= 0, no sampling noise)."""
+    log_exact: bool = False
+    """Also log kl/exact, the exact KL of each rollout (as estimator "full" computes it), beside the estimate
+    the reward uses: a check that the estimate is not hiding drift (it costs one vocabulary-wide softmax)."""
     placement: Literal["reward", "loss"] = "reward"
     """Where the penalty goes: in the per-token reward (PPO, InstructGPT) or as a loss term (GRPO-style);
     the loss needs an estimator whose gradient is the KL's (k2, k3 or full), not k1. The exact (full) KL in

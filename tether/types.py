@@ -31,6 +31,7 @@ class Rollout:
     values: torch.Tensor  # [B, T] value of the state before each response token, float32
     entropy: torch.Tensor  # [B, T] entropy of the policy's next-token distribution, float32
     has_eos: torch.Tensor  # [B] bool
+    exact_kl: torch.Tensor | None = None  # [B, T] exact per-token KL, when kl.log_exact asks for it
 
     @property
     def response_ids(self) -> torch.Tensor:

@@ -349,7 +349,9 @@ class PPOTrainer:
         del gen_scores
 
         chunk = cfg.forward_batch_size or cfg.micro_batch_size
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("lp", "model_lp", "ref_lp", "kl", "values", "ent")}
+        parts: dict[str, list[torch.Tensor]] = {
+            k: [] for k in ("lp", "model_lp", "ref_lp", "kl", "values", "ent", "exact_kl")
+        }
         self.value_model.eval()
         for s in range(0, input_ids.shape[0], chunk):
             ids, att = input_ids[s : s + chunk], attention_mask[s : s + chunk]
@@ -357,6 +359,9 @@ class PPOTrainer:
             ref_logits = response_logits(self.ref_policy, ids, att, P)
             ref_lp = selective_log_softmax(ref_logits, ids[:, P:], cfg.sampling.temperature)
             kl = self._kl(fwd.model_logprobs, ref_lp, fwd.logits, ref_logits)
+            if cfg.kl.log_exact:
+                exact = kl if cfg.kl.estimator == "full" else kl_full(fwd.logits, ref_logits, cfg.sampling.temperature)
+                parts["exact_kl"].append(exact)
             del ref_logits
             parts["lp"].append(fwd.logprobs)
             parts["model_lp"].append(fwd.model_logprobs)
@@ -364,7 +369,7 @@ class PPOTrainer:
             parts["kl"].append(kl)
             parts["ent"].append(entropy_from_logits(fwd.logits, cfg.sampling.temperature))
             parts["values"].append(self.value_model(ids, att)[:, P - 1 : -1])  # value of the state before each token
-        cat = {k: torch.cat(v) for k, v in parts.items()}
+        cat = {k: torch.cat(v) for k, v in parts.items() if v}
         # clone(): tensors made under inference_mode cannot be saved for backward in the update.
         return Rollout(
             input_ids=input_ids.clone(),
@@ -375,6 +380,7 @@ class PPOTrainer:
             model_logprobs=cat["model_lp"].clone(),
             ref_logprobs=cat["ref_lp"].clone(),
             kl=cat["kl"].masked_fill(~response_mask, 0.0).clone(),
+            exact_kl=cat["exact_kl"].masked_fill(~response_mask, 0.0).clone() if "exact_kl" in cat else None,
             gen_logprobs=gen_logprobs.clone(),
             values=cat["values"].clone(),
             entropy=cat["ent"].clone(),
@@ -624,6 +630,7 @@ class PPOTrainer:
             "kl/coef": kl_coef,
             "kl/negative_fraction": float((seq_k1 < 0).float().mean()),
             "kl/k1": float(seq_k1.mean()),
+            **({"kl/exact": float(ro.exact_kl.sum(-1).mean())} if ro.exact_kl is not None else {}),
             "value/explained_variance": float(1.0 - residual_var / returns_var),
             "rollout/response_length": float(mask.sum(-1).float().mean()),
             "rollout/eos_fraction": float(ro.has_eos.float().mean()),
