@@ -192,7 +192,10 @@ def _scorer(
     if isinstance(spec, str):
         if os.path.isdir(spec):
             model, tokenizer = load_reward_model(spec, device=device)
-            name = os.path.basename(os.path.normpath(spec))
+            path = os.path.normpath(spec)
+            name = os.path.basename(path)
+            if name == "final" or name.startswith("step-"):  # runs/rm/final -> "rm", not "final"
+                name = os.path.basename(os.path.dirname(os.path.dirname(path)) if name.startswith("step-") else os.path.dirname(path)) or name
             return _ModelScorer(model, tokenizer, name, batch_size, max_length)
         if ":" in spec:
             fn = load_function(spec)

@@ -685,7 +685,7 @@ def main(argv: Sequence[str]) -> int:
         else:
             rest.append(argv[i])
             i += 1
-    cfg, extra = load_config(PPOConfig, rest, extra=("policy", "prompts", "resume", "reward_weights", "tokenizer"))
+    cfg, extra = load_config(PPOConfig, rest, extra=("policy", "prompts", "resume", "tokenizer"))
     resume = extra.get("resume")
     if resume is not None and "output_dir" not in {a.lstrip("-").split("=")[0].replace("-", "_") for a in rest}:
         cfg.output_dir = resume  # resuming writes into the run being resumed
@@ -694,11 +694,8 @@ def main(argv: Sequence[str]) -> int:
             raise ConfigError(f"tether ppo needs --{name}")
     if not rewards:
         raise ConfigError("tether ppo needs --reward (a reward-model directory or FILE.py:FUNCTION)")
-    weights = [float(w) for w in extra["reward_weights"].split(",")] if "reward_weights" in extra else None
-    device = pick_device(cfg.device)
-    reward = build_reward(
-        rewards if len(rewards) > 1 else rewards[0], weights=weights, device=device, batch_size=cfg.reward_batch_size
-    )
+    # The trainer builds the reward from the config (weights, baseline, device), so config.yaml describes the run.
+    reward = rewards if len(rewards) > 1 else rewards[0]
     trainer = PPOTrainer(
         cfg, policy=extra["policy"], reward=reward, prompts=extra["prompts"], tokenizer=extra.get("tokenizer")
     )

@@ -28,6 +28,7 @@ from tether.config import ConfigError, load_config, save_yaml, to_dict
 from tether.data import DataError
 from tether.logging import ConsoleLogger, MultiLogger, build_loggers
 from tether.models import disable_dropout, pick_device
+from tether.report import build_report
 from tether.rewards.base import RewardError
 from tether.rewards.data import PreferenceData, load_preferences, load_samples, split_indices
 from tether.rewards.losses import bradley_terry_loss
@@ -54,7 +55,7 @@ class RewardConfig:
     eval_data: str | None = None
     """Held-out preference file; when absent, eval_fraction of data is held out."""
     output_dir: str = "runs/reward"
-    """Run directory: metrics.jsonl, config.yaml, checkpoints/step-N, final/."""
+    """Run directory: metrics.jsonl, config.yaml, checkpoints/step-N, final/, report.html."""
     seed: int = 0
     """Seeds the new score head, the shuffling and the eval split."""
     device: str = "auto"
@@ -89,6 +90,8 @@ class RewardConfig:
     """Write checkpoints/step-N every N optimiser steps (0: only final/)."""
     report_to: list[str] = field(default_factory=lambda: ["jsonl", "console"])
     """Logging backends: jsonl (always on), console, tensorboard, wandb, none."""
+    report: bool = True
+    """Write output_dir/report.html (loss, accuracy and margin curves; config) at the end of training."""
     normalize_data: str | None = None
     """File of reference-policy samples (prompt, response): after training, set the reward's gain/bias so
     these score mean 0 / std 1 (OpenAI lm-human-preferences); stored in the saved model's config."""
@@ -227,6 +230,7 @@ class RewardTrainer:
         eval_data: Any = None,
     ) -> None:
         self.config = cfg = config
+        self.report_path: Path | None = None  # run_dir/report.html once train() has written it
         torch.manual_seed(cfg.seed)  # a causal LM gets a new, seeded score head
         source = model if model is not None else cfg.model
         if source is None:
@@ -352,6 +356,8 @@ class RewardTrainer:
             save_pretrained_atomic(model, self.tokenizer, run_dir / "final")
         finally:
             loggers.close()
+        if cfg.report:  # after close(): the report reads the flushed metrics.jsonl
+            self.report_path = build_report([run_dir])
         return history
 
 
@@ -400,9 +406,12 @@ def main(argv: list[str] | None = None) -> int:
         config, _ = load_config(RewardConfig, argv)
         if config.model is None or config.data is None:
             raise ConfigError("--model and --data are required (or set model/data in the --config file)")
-        RewardTrainer(config).train()
+        trainer = RewardTrainer(config)
+        trainer.train()
     except (ConfigError, DataError, RewardError, OSError) as err:
         print(f"tether rm: error: {err}", file=sys.stderr)
         return 2
     print(f"reward model saved to {os.path.join(config.output_dir, 'final')}")
+    if trainer.report_path is not None:
+        print(f"report:               {trainer.report_path}")
     return 0
