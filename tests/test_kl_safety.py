@@ -245,3 +245,39 @@ def test_training_under_min_length_hides_the_kl_from_k1_but_not_from_full(tmp_pa
     assert (exact >= 0).all()
     assert k1.mean() < 0.5 * exact.mean(), (k1.mean(), exact.mean())
     assert (k1 < 0).float().mean() > 0.1
+
+
+@pytest.mark.parametrize(
+    ("settings", "needle"),
+    [
+        (dict(do_sample=False), "greedy"),
+        (dict(num_beams=4), "beam search"),
+        (dict(min_length=10), "min_new_tokens"),
+        (dict(min_length=10, allow_biased=True), "min_new_tokens"),
+        (dict(do_sample=False, allow_biased=True), "greedy"),
+    ],
+)
+def test_greedy_beam_and_min_length_are_refused_with_the_reason(settings, needle):
+    from tether.sampling import check_sampling_config
+
+    with pytest.raises(KLBiasError, match=needle) as info:
+        check_sampling_config(SamplingConfig(**settings))
+    assert "negative" in str(info.value)
+
+
+def test_running_score_normalisation_and_clipping_in_ppo(tmp_path):
+    """reward_norm uses the running mean/std of all scores so far; reward_clip bounds the result."""
+    seen = []
+
+    def reward(prompts, responses, **_):
+        values = [float(len(r)) * 10.0 for r in responses]
+        seen.extend(values)
+        return values
+
+    cfg = _config(tmp_path, steps=2, reward_norm=True, reward_clip=1.5)
+    history = _trainer(cfg, reward=reward).train()
+    first = torch.tensor(seen[:16])
+    expected = ((first - first.mean()) / (first.std() + 1e-8)).clamp(-1.5, 1.5)
+    assert history[0]["objective/scores"] == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert history[0]["objective/raw_scores"] == pytest.approx(float(first.mean()), rel=1e-6)
+    assert all(abs(r["objective/scores"]) <= 1.5 for r in history)

@@ -42,6 +42,13 @@ class SamplingConfig:
     """0 allows EOS from the first token. A minimum suppresses EOS and biases the KL estimate."""
     repetition_penalty: float = 1.0
     """1.0 disables it. Other values reshape the distribution and are refused (even with allow_biased)."""
+    min_length: int = 0
+    """transformers' min_length (prompt included). Any value > 0 suppresses EOS and is refused even with
+    allow_biased: use min_new_tokens, which tether reproduces exactly."""
+    do_sample: bool = True
+    """False (greedy decoding) is refused: greedy tokens are not samples of the policy, so no KL estimate holds."""
+    num_beams: int = 1
+    """Beam search (> 1) is refused for the same reason."""
     allow_biased: bool = False
     """Opt in to top_k / top_p / min_new_tokens. The PPO ratio then uses the logprobs of the distribution
     actually sampled from (the same warps applied in the training forward), and the KL penalty must use an
@@ -71,6 +78,18 @@ def kl_biasing_settings(cfg: SamplingConfig) -> list[str]:
 def check_sampling_config(cfg: SamplingConfig) -> None:
     """Refuse settings that bias the KL estimate, with the reason (unless ``allow_biased``)."""
     bad = kl_biasing_settings(cfg)
+    if not cfg.do_sample or cfg.num_beams != 1:
+        raise KLBiasError(
+            f"refusing do_sample={cfg.do_sample}, num_beams={cfg.num_beams}: greedy decoding and beam search do "
+            "not sample from the policy, so the PPO ratio and every KL estimate are wrong for their tokens and "
+            "the KL can go negative (TRL Training FAQ). RL rollouts need do_sample=true, num_beams=1."
+        )
+    if cfg.min_length:
+        raise KLBiasError(
+            f"refusing min_length={cfg.min_length}: it suppresses EOS, so the sampled tokens do not come from the "
+            "policy and the KL estimate can go negative (TRL Training FAQ). If a minimum is needed, use "
+            "min_new_tokens with sampling.allow_biased=true, which tether handles exactly."
+        )
     if cfg.allow_biased:
         if cfg.repetition_penalty != 1.0:
             raise KLBiasError(
