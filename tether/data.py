@@ -33,7 +33,9 @@ class PromptData:
         return prompts, cols
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def read_rows_file(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a local .jsonl/.json, .csv or .parquet file; errors name the file (and line for JSON)."""
+    path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows = []
@@ -49,15 +51,16 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
             rows.append(row)
         return rows
     if suffix in (".csv", ".parquet"):
-        import datasets
+        # pyarrow (a dependency of datasets) reads both without datasets' on-disk cache.
+        import pyarrow.csv
+        import pyarrow.parquet
 
-        kind = "csv" if suffix == ".csv" else "parquet"
         try:
-            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+            table = pyarrow.csv.read_csv(path) if suffix == ".csv" else pyarrow.parquet.read_table(path)
         except Exception as exc:  # noqa: BLE001 - surface the reader's reason with the file name
-            raise DataError(f"{path}: could not be read as {kind}: {exc}") from None
-        return [dict(r) for r in ds]
-    raise DataError(f"{path}: unsupported prompt file type {suffix!r}; use .jsonl, .csv or .parquet")
+            raise DataError(f"{path}: could not be read as {suffix[1:]}: {exc}") from None
+        return table.to_pylist()
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .parquet")
 
 
 def load_prompts(source: Any, column: str = "prompt") -> PromptData:
@@ -66,7 +69,7 @@ def load_prompts(source: Any, column: str = "prompt") -> PromptData:
         path = Path(source)
         if not path.exists():
             raise DataError(f"prompt file {path} does not exist")
-        rows = _read_rows(path)
+        rows = read_rows_file(path)
         name = str(path)
     elif isinstance(source, Sequence) and all(isinstance(p, str) for p in source):
         rows = [{column: p} for p in source]

@@ -11,7 +11,6 @@ file can be found.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from tether.data import DataError
+from tether.data import DataError, read_rows_file
 
 
 @dataclass(frozen=True)
@@ -54,20 +53,7 @@ def read_rows(source: Any) -> tuple[list[dict[str, Any]], str]:
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise DataError(f"data file {path} does not exist")
-        suffix = os.path.splitext(path)[1].lower()
-        if suffix in (".jsonl", ".json"):
-            return _read_jsonl(path), path
-        if suffix in (".csv", ".parquet"):
-            # pyarrow (a dependency of datasets) reads both without datasets' on-disk cache.
-            import pyarrow.csv
-            import pyarrow.parquet
-
-            try:
-                table = pyarrow.csv.read_csv(path) if suffix == ".csv" else pyarrow.parquet.read_table(path)
-            except Exception as err:  # noqa: BLE001 - surface the reader's reason with the file name
-                raise DataError(f"{path}: cannot be read as {suffix[1:]}: {err}") from None
-            return table.to_pylist(), path
-        raise DataError(f"{path}: unsupported data file type {suffix!r}; use .jsonl, .csv or .parquet")
+        return read_rows_file(path), path
     if hasattr(source, "column_names") and hasattr(source, "to_list"):
         return list(source.to_list()), "the dataset"
     if isinstance(source, Sequence) and all(isinstance(row, Mapping) for row in source):
@@ -75,22 +61,6 @@ def read_rows(source: Any) -> tuple[list[dict[str, Any]], str]:
     raise DataError(
         f"data must be a file path, a datasets.Dataset or a list of dicts, got {type(source).__name__}"
     )
-
-
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
 
 
 def _require_columns(rows: list[dict[str, Any]], name: str, needed: Sequence[str]) -> None:
