@@ -284,3 +284,14 @@ def test_lora_policy_uses_adapter_disabled_reference_and_saves_merged(tmp_path):
                                 reward=CharFractionReward(), prompts=make_toy_prompts(16))
     resumed.resume()
     torch.testing.assert_close(resumed.policy.eval()(input_ids=ids).logits, trainer.policy(input_ids=ids).logits)
+
+
+def test_a_fresh_run_never_mixes_into_an_earlier_run_directory(tmp_path):
+    make_trainer(tmp_path / "run", steps=1).train()
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        make_trainer(tmp_path / "run", steps=1).train()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before  # untouched
+    make_trainer(tmp_path / "run", steps=2, overwrite_output_dir=True).train()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]

@@ -20,6 +20,7 @@ mini / micro [gradient_accumulation_steps].
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -86,6 +87,9 @@ class PPOConfig:
 
     output_dir: str = "runs/ppo"
     """Run directory: config.yaml, metrics.jsonl, samples.jsonl, checkpoints/, final/."""
+    overwrite_output_dir: bool = False
+    """Start afresh in an output_dir that already holds a run (its logs, checkpoints and final/ are removed).
+    Without it, such a directory is an error unless the run is resumed, so no earlier run is mixed or lost."""
     seed: int = 0
     """Seed for prompt order, sampling and updates; the same seed gives the same run on CPU."""
     learning_rate: float = 3e-6
@@ -178,6 +182,10 @@ class PPOConfig:
     @property
     def num_steps(self) -> int:
         return self.total_episodes // self.rollout_batch_size
+
+
+#: What a run writes into its directory; a fresh run refuses a directory holding any of them.
+RUN_DIR_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "checkpoints", "final", "report.html", "tensorboard")
 
 
 class PolicyAndValue(nn.Module):
@@ -303,6 +311,20 @@ class PPOTrainer:
         set_rng_state(state["rng"])
         self._resumed_from = ckpt
         return ckpt
+
+    def _claim_run_dir(self) -> None:
+        """Refuse to mix a new run into a directory holding another, unless overwrite_output_dir says so."""
+        earlier = [name for name in RUN_DIR_OUTPUTS if (self.run_dir / name).exists()]
+        if not earlier:
+            return
+        if not self.config.overwrite_output_dir:
+            raise ConfigError(
+                f"output_dir {self.run_dir} already holds a run ({', '.join(earlier)}); resume it with "
+                "--resume, choose another output_dir, or set overwrite_output_dir=true to replace it"
+            )
+        for name in earlier:
+            path = self.run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def _checkpoint(self) -> Path:
         state = {
@@ -496,6 +518,8 @@ class PPOTrainer:
     def train(self) -> list[dict[str, float]]:
         """Run to ``total_episodes``; returns the per-step metrics (also in ``output_dir/metrics.jsonl``)."""
         cfg = self.config
+        if self._resumed_from is None:
+            self._claim_run_dir()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, self.run_dir / "config.yaml")
         logger = build_loggers(
