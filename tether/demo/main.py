@@ -3,8 +3,8 @@
 SmolLM2-135M-Instruct (LoRA) learns to continue movie reviews positively, rewarded by VADER sentiment, while
 the per-token KL penalty keeps it close to the frozen reference model. Modes:
 
-  tether demo                 the run (~6-8 min on two CPU cores): progress bar, one line per step, samples
-                              before and after, the trained model in final/ and an HTML report
+  tether demo                 the run (about 8 min on two CPU cores): progress bar, one line per step,
+                              samples before and after, the trained model in final/, an HTML report
   tether demo --no-kl         the same run with the KL coefficient at 0
   tether demo --compare       both runs, their curves overlaid (report + PNG) and samples side by side
   tether demo --reward-model  preferences from VADER -> a MiniLM reward model -> PPO against it (proxy vs gold)
@@ -30,7 +30,7 @@ def default_threads() -> int:
 
     PyTorch's CPU kernels run one OpenMP thread per core and spin-wait for each other: when another process
     holds one of the cores, every operation waits for the thread that is not running. On a two-core machine
-    with one core busy we measured generation 15x slower with two threads than with one (see docs/demo.md).
+    with one core busy we measured generation over 10x slower with two threads than with one (docs/demo.md).
     """
     import torch
 
@@ -39,7 +39,9 @@ def default_threads() -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tether demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="tether demo",
+        description=__doc__.replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
@@ -55,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output-dir", "--output_dir", default=DEFAULT_OUTPUT_DIR, help="parent of the run directories"
     )
-    parser.add_argument("--steps", type=int, default=None, help="PPO steps (default depends on the mode)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--steps", type=int, default=None, help="PPO steps (default 36; 40 with --quick)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (the SmolLM2 modes)")
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch (default: one fewer than the cores)"
     )
@@ -83,15 +85,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    args.mode = (
-        "quick"
-        if args.quick
-        else "compare"
-        if args.compare
-        else "reward-model"
-        if args.reward_model
-        else "sentiment"
-    )
+    chosen = {"quick": args.quick, "compare": args.compare, "reward-model": args.reward_model}
+    args.mode = next((mode for mode, on in chosen.items() if on), "sentiment")
     if args.steps is None:
         args.steps = DEFAULT_STEPS[args.mode]
     return args
@@ -130,7 +125,6 @@ def _run(args: argparse.Namespace) -> None:
         return
 
     sr.check_assets(reward_model=args.mode == "reward-model")
-    torch.set_num_threads(args.threads or default_threads())
     settings = sr.with_overrides(
         sr.SentimentDemoSettings(),
         steps=args.steps,
@@ -168,9 +162,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error (2): return the code, as `tether report` does
         return int(exit_.code or 0)
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or default_threads())
     try:
         _run(args)
     except DemoAssetError as err:
         print(f"tether demo: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        torch.set_num_threads(previous_threads)  # a caller in the same process (tests) keeps its setting
     return 0
