@@ -232,9 +232,13 @@ def test_training_under_min_length_hides_the_kl_from_k1_but_not_from_full(tmp_pa
     sampling = SamplingConfig(max_new_tokens=12, min_new_tokens=m)
     stop_early = lambda p, r, **_: [1.0 if len(x) <= m else 0.0 for x in r]  # noqa: E731
     cfg = _config(tmp_path / "k1", steps=30, sampling=sampling, kl=tether.KLConfig(coef=0.05, estimator="k1"))
+    cfg.lr_scheduler = "constant"  # keep learning to the end rather than decaying to 0
     trainer = _trainer(cfg, reward=stop_early)
     history = trainer.train()
-    assert history[-1]["objective/scores"] > 0.5  # the policy learned to stop at the first allowed position
+    scores = [row["objective/scores"] for row in history]
+    # The policy learned to stop at the first allowed position (means over 5 steps of 16 samples: one
+    # step's score is too noisy to judge by).
+    assert sum(scores[:5]) / 5 < 0.2 and sum(scores[-5:]) / 5 > 0.5, scores
     assert min(row["kl/negative_fraction"] for row in history[1:]) < 1.0
     # Measure the exact KL of the trained policy on fresh rollouts, beside the k1 the reward used.
     trainer.config.kl.estimator = "full"
