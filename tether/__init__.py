@@ -3,6 +3,7 @@
 from tether.config import ConfigError, KLConfig, LoggingConfig
 from tether.sampling import KLBiasError, SamplingConfig
 from tether.trainers.ppo import PPOConfig, PPOTrainer
+from tether.trainers.reward import RewardConfig, RewardTrainer
 
 __version__ = "0.1.0"
 
@@ -13,6 +14,8 @@ __all__ = [
     "LoggingConfig",
     "PPOConfig",
     "PPOTrainer",
+    "RewardConfig",
+    "RewardTrainer",
     "SamplingConfig",
     "__version__",
 ]

@@ -1,4 +1,4 @@
-"""The ``tether`` command line: ``tether ppo | rm | demo | check-reward | report``."""
+"""The ``tether`` command line: ``tether ppo | sample | rm | demo | check-reward | report``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ commands:
   demo          the embedded end-to-end example (offline, CPU); --quick for the tiny toy task
   ppo           PPO with a KL penalty:  tether ppo --config run.yaml --policy DIR --reward DIR_OR_FILE.py:FN
                 --prompts FILE --output_dir DIR [--field value ...] [--resume RUN_DIR]
+  sample        generate (and optionally score) a policy's responses to a prompt file, as JSONL
   rm            train a reward model (Bradley-Terry) on preference pairs
   check-reward  sanity-check a reward model or function before RL
   report        build an HTML report from one or more run directories
@@ -26,6 +27,12 @@ def _ppo(argv: Sequence[str]) -> int:
     from tether.trainers.ppo import main
 
     return main(argv)
+
+
+def _sample(argv: Sequence[str]) -> int:
+    from tether.sample import main
+
+    return main(list(argv))
 
 
 def _rm(argv: Sequence[str]) -> int:
@@ -54,6 +61,7 @@ def _report(argv: Sequence[str]) -> int:
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "ppo": _ppo,
+    "sample": _sample,
     "rm": _rm,
     "demo": _demo,
     "check-reward": _check_reward,

@@ -247,6 +247,28 @@ def split_args(argv: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def take_repeated(argv: Sequence[str], name: str) -> tuple[list[str], list[str]]:
+    """Pull every ``--name VALUE`` / ``--name=VALUE`` out of ``argv``: (values in order, the other arguments).
+
+    For options that may be given several times (``--reward`` to compose rewards), which the one-value-per-key
+    parser of :func:`load_config` would otherwise collapse.
+    """
+    values: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == f"--{name}" and i + 1 < len(argv):
+            values.append(argv[i + 1])
+            i += 2
+        elif argv[i].startswith(f"--{name}="):
+            values.append(argv[i].split("=", 1)[1])
+            i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return values, rest
+
+
 def load_config(
     cls: type[C], argv: Sequence[str], extra: Sequence[str] = ()
 ) -> tuple[C, dict[str, str]]:

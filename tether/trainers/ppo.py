@@ -692,23 +692,14 @@ PPO_HELP = """usage: tether ppo [--config run.yaml] --policy DIR --reward SPEC [
 
 def main(argv: Sequence[str]) -> int:
     """``tether ppo``: build the config from YAML + overrides, then train."""
-    from tether.config import load_config
+    from tether.config import load_config, take_repeated
 
     argv = list(argv)
     if "-h" in argv or "--help" in argv:
         print(PPO_HELP)
         return 0
-    rewards, rest, i = [], [], 0
-    while i < len(argv):  # --reward may repeat (composition); the generic parser keeps one value per key
-        if argv[i] == "--reward" and i + 1 < len(argv):
-            rewards.append(argv[i + 1])
-            i += 2
-        elif argv[i].startswith("--reward="):
-            rewards.append(argv[i].split("=", 1)[1])
-            i += 1
-        else:
-            rest.append(argv[i])
-            i += 1
+    # --reward may repeat (composition); the generic parser keeps one value per key
+    rewards, rest = take_repeated(argv, "reward")
     cfg, extra = load_config(PPOConfig, rest, extra=("policy", "prompts", "resume", "tokenizer"))
     resume = extra.get("resume")
     if resume is not None and "output_dir" not in {a.lstrip("-").split("=")[0].replace("-", "_") for a in rest}:
