@@ -6,7 +6,11 @@ or nested dataclasses. Unknown keys are an error (a typo must not silently fall 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import textwrap
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -245,6 +249,70 @@ def split_args(argv: Sequence[str]) -> dict[str, str]:
         out[name.replace("-", "_")] = value
         i += 1
     return out
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string literal under each field), by field name.
+
+    Help text lives once, next to the field; this reads it back for ``--help`` (as tyro and simple-parsing do).
+    """
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):  # source not available (e.g. a frozen app)
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _default_of(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def config_help(cls: type, prefix: str = "", width: int = 100) -> list[str]:
+    """``--help`` lines for every field of dataclass ``cls``: ``--name  type = default`` and its docstring.
+
+    Nested dataclasses are listed under their dotted names (``--sampling.max_new_tokens``), which is how
+    they are set on the command line; ``Literal`` choices are shown as ``a|b|c``.
+    """
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    lines: list[str] = []
+    nested: list[tuple[str, type]] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            nested.append((f.name, tp))  # type: ignore[arg-type]
+            continue
+        if typing.get_origin(tp) is Literal:
+            type_text = "|".join(str(a) for a in typing.get_args(tp))
+        else:
+            type_text = _type_name(tp).replace("NoneType", "None")
+        lines.append(f"  --{prefix}{f.name}  {type_text} = {_default_of(f)!r}")
+        if f.name in docs:
+            lines += textwrap.wrap(docs[f.name], width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    for name, tp in nested:
+        lines += config_help(tp, f"{prefix}{name}.", width)
+    return lines
 
 
 def take_repeated(argv: Sequence[str], name: str) -> tuple[list[str], list[str]]:

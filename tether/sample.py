@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from tether.config import ConfigError, load_config, take_repeated
+from tether.config import ConfigError, config_help, load_config, take_repeated
 from tether.data import check_prompt_lengths, load_prompts
 from tether.logging.console import format_samples_table
 from tether.models import disable_dropout, load_causal_lm, load_tokenizer, pick_device
@@ -115,13 +115,12 @@ SAMPLE_HELP = """usage: tether sample --policy DIR --prompts FILE [--output samp
   --prompts FILE     JSONL/CSV/Parquet with a `prompt` column (other columns are copied to the output rows)
   --reward SPEC      optional: a reward-model directory or FILE.py:FUNCTION (repeat to sum several);
                      each row then carries `score` and `score/<component>`
-  --field value      any of: output, num_prompts, samples_per_prompt, batch_size, seed, device,
-                     max_prompt_length, reward_batch_size, show, sampling.max_new_tokens,
-                     sampling.temperature
+  --field value      any SampleConfig field below
 
 Sampling is PPO's (pure sampling, EOS allowed, cut at the first EOS), so reference-policy samples written
 here are the ones `tether rm --normalize_data` and `tether check-reward --data` expect.
-"""
+
+SampleConfig fields:"""
 
 
 def main(argv: Sequence[str]) -> int:
@@ -129,6 +128,7 @@ def main(argv: Sequence[str]) -> int:
     argv = list(argv)
     if "-h" in argv or "--help" in argv:
         print(SAMPLE_HELP)
+        print("\n".join(config_help(SampleConfig)))
         return 0
     rewards, rest = take_repeated(argv, "reward")
     cfg, extra = load_config(SampleConfig, rest, extra=("policy", "prompts", "tokenizer"))

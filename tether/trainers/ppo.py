@@ -127,7 +127,9 @@ class PPOConfig:
     max_grad_norm: float | None = 1.0
     """Gradient clipping norm; None disables clipping."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     adam_eps: float = 1e-5
+    """AdamW epsilon (TRL and the N-implementation-details use 1e-5 rather than torch's 1e-8)."""
     lr_scheduler: Literal["linear", "constant"] = "linear"
     """Linear decay to 0 over the run (TRL's default) or a constant rate."""
     max_prompt_length: int = 256
@@ -692,11 +694,12 @@ PPO_HELP = """usage: tether ppo [--config run.yaml] --policy DIR --reward SPEC [
 
 def main(argv: Sequence[str]) -> int:
     """``tether ppo``: build the config from YAML + overrides, then train."""
-    from tether.config import load_config, take_repeated
+    from tether.config import config_help, load_config, take_repeated
 
     argv = list(argv)
     if "-h" in argv or "--help" in argv:
-        print(PPO_HELP)
+        print(PPO_HELP + "\nPPOConfig fields (set in the YAML file or as --field value):")
+        print("\n".join(config_help(PPOConfig)))
         return 0
     # --reward may repeat (composition); the generic parser keeps one value per key
     rewards, rest = take_repeated(argv, "reward")

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -24,7 +24,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.checkpoint import save_pretrained_atomic
-from tether.config import ConfigError, load_config, save_yaml, to_dict
+from tether.config import ConfigError, config_help, load_config, save_yaml, to_dict
 from tether.data import DataError
 from tether.logging import ConsoleLogger, MultiLogger, build_loggers
 from tether.models import disable_dropout, pick_device
@@ -398,9 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:
         print(_USAGE)
-        for f in fields(RewardConfig):
-            default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-            print(f"  --{f.name:<22} default: {default!r}")
+        print("\n".join(config_help(RewardConfig)))
         return 0
     try:
         config, _ = load_config(RewardConfig, argv)
