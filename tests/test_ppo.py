@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 import tether
@@ -221,6 +223,43 @@ def test_cli_ppo_trains_and_resumes(tmp_path, capsys):
     # Resuming a finished run continues from its last checkpoint and has nothing left to do.
     assert cli_main(["ppo", "--resume", str(tmp_path / "out"), *args[1:]]) == 0
     assert "resumed from" in capsys.readouterr().out
+
+
+def test_cli_resume_needs_only_the_run_directory_and_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    """`tether ppo --resume DIR` reads config.yaml and inputs.yaml from DIR (paths made absolute)."""
+    tok = make_toy_tokenizer()
+    make_toy_model(tok).save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in make_toy_prompts(16)))
+    (tmp_path / "rewards.py").write_text("def vowels(prompts, responses, **c):\n"
+                                         "    return [sum(x in 'aeiou' for x in r) / max(len(r), 1) for r in responses]\n")
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
+    common = ["--policy", "policy", "--reward", "rewards.py:vowels", "--prompts", "prompts.jsonl",
+              "--rollout_batch_size", "8", "--mini_batch_size", "4", "--micro_batch_size", "4",
+              "--total_episodes", "24", "--sampling.max_new_tokens", "5", "--learning_rate", "1e-3",
+              "--logging.report_to", "jsonl", "--logging.progress_bar", "false", "--logging.save_steps", "1",
+              "--logging.report", "false", "--device", "cpu"]
+    assert cli_main(["ppo", *common, "--output_dir", "whole"]) == 0
+    assert cli_main(["ppo", *common, "--output_dir", "cut"]) == 0
+    inputs = yaml.safe_load((tmp_path / "cut" / "inputs.yaml").read_text())
+    assert inputs == {"policy": str(tmp_path / "policy"), "prompts": str(tmp_path / "prompts.jsonl"),
+                      "reward": f"{tmp_path / 'rewards.py'}:vowels"}
+    # Cut the run after step 2: drop the last checkpoint and the final model, as if it had been killed.
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-000003")
+    shutil.rmtree(tmp_path / "cut" / "final")
+    monkeypatch.chdir(tmp_path / "cut")  # another working directory: the saved paths are absolute
+    assert cli_main(["ppo", "--resume", "."]) == 0
+    assert "(step 2)" in capsys.readouterr().out
+    whole = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    cut = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in cut] == [1, 2, 3]
+    volatile = ("time", "perf/")  # wall-clock stamps and timings
+    for a, b in zip(whole, cut, strict=True):
+        assert {k: v for k, v in a.items() if not k.startswith(volatile)} == \
+               {k: v for k, v in b.items() if not k.startswith(volatile)}
+    assert (tmp_path / "cut" / "final" / "config.json").is_file()
+    assert cli_main(["ppo", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
 
 
 def test_cli_reports_unknown_key_and_missing_file(tmp_path, capsys):

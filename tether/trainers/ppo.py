@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
+import yaml
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -188,6 +189,31 @@ class PPOConfig:
 
 #: What a run writes into its directory; a fresh run refuses a directory holding any of them.
 RUN_DIR_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "checkpoints", "final", "report.html", "tensorboard")
+#: The run's inputs given as paths (policy, tokenizer, prompts, reward), so ``tether ppo --resume DIR`` needs no more.
+INPUTS_FILE = "inputs.yaml"
+
+
+def input_specs(**inputs: Any) -> dict[str, str | list[str]]:
+    """The inputs given as paths or ``file.py:function`` strings (a list for composed rewards), as text.
+
+    Model instances, functions and in-memory datasets cannot be written down; they are left out.
+    """
+
+    def absolute(spec: str | Path) -> str:
+        # Relative paths are made absolute so a resume from another working directory finds them.
+        text = str(spec)
+        path, sep, fn = text.rpartition(":")
+        if not (sep and path.endswith(".py")):  # a directory or file, not "file.py:function"
+            path, sep, fn = text, "", ""
+        return str(Path(path).resolve()) + sep + fn if Path(path).exists() else text
+
+    out: dict[str, str | list[str]] = {}
+    for name, value in inputs.items():
+        if isinstance(value, str | Path):
+            out[name] = absolute(value)
+        elif isinstance(value, list | tuple) and value and all(isinstance(v, str | Path) for v in value):
+            out[name] = [absolute(v) for v in value]
+    return out
 
 
 class PolicyAndValue(nn.Module):
@@ -281,6 +307,8 @@ class PPOTrainer:
         self.episode = 0
         self.run_dir = Path(config.output_dir)
         self._resumed_from: Path | None = None
+        # Inputs given as paths go to inputs.yaml, so that `tether ppo --resume DIR` needs nothing else.
+        self.inputs = input_specs(policy=policy, tokenizer=tokenizer, prompts=prompts, reward=reward)
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -524,6 +552,8 @@ class PPOTrainer:
             self._claim_run_dir()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, self.run_dir / "config.yaml")
+        if self.inputs:
+            (self.run_dir / INPUTS_FILE).write_text(yaml.safe_dump(self.inputs, sort_keys=False))
         logger = build_loggers(
             cfg.logging.report_to,
             self.run_dir,
@@ -694,7 +724,7 @@ PPO_HELP = """usage: tether ppo [--config run.yaml] --policy DIR --reward SPEC [
 
 def main(argv: Sequence[str]) -> int:
     """``tether ppo``: build the config from YAML + overrides, then train."""
-    from tether.config import config_help, load_config, take_repeated
+    from tether.config import config_help, load_config, split_args, take_repeated
 
     argv = list(argv)
     if "-h" in argv or "--help" in argv:
@@ -703,10 +733,25 @@ def main(argv: Sequence[str]) -> int:
         return 0
     # --reward may repeat (composition); the generic parser keeps one value per key
     rewards, rest = take_repeated(argv, "reward")
+    resume = split_args(rest).get("resume")
+    saved: dict[str, Any] = {}
+    if resume is not None:
+        # Resuming reads the run's own config.yaml and inputs.yaml; what the command line gives overrides them.
+        run = Path(resume)
+        if not (run / "config.yaml").is_file():
+            raise ConfigError(f"--resume {resume}: no config.yaml there; is it a tether ppo run directory?")
+        if "config" not in split_args(rest):
+            rest = ["--config", str(run / "config.yaml"), *rest]
+        if (run / INPUTS_FILE).is_file():
+            saved = yaml.safe_load((run / INPUTS_FILE).read_text()) or {}
     cfg, extra = load_config(PPOConfig, rest, extra=("policy", "prompts", "resume", "tokenizer"))
-    resume = extra.get("resume")
     if resume is not None and "output_dir" not in {a.lstrip("-").split("=")[0].replace("-", "_") for a in rest}:
         cfg.output_dir = resume  # resuming writes into the run being resumed
+    for name in ("policy", "prompts", "tokenizer"):
+        if name not in extra and name in saved:
+            extra[name] = saved[name]
+    if not rewards and "reward" in saved:
+        rewards = saved["reward"] if isinstance(saved["reward"], list) else [saved["reward"]]
     for name in ("policy", "prompts"):
         if name not in extra:
             raise ConfigError(f"tether ppo needs --{name}")
