@@ -266,3 +266,30 @@ def test_every_cli_config_field_has_help_text_and_help_lists_it(capsys):
     assert "  --kl.estimator  k1|k2|k3|full = 'k1'" in lines
     assert "  --sampling.max_new_tokens  int = 32" in lines
     assert "  --cliprange_high  float | None = None" in lines
+
+
+def test_presets_load_and_layer_under_the_config_file_and_the_command_line(tmp_path, capsys) -> None:
+    from tether.cli import main as cli_main
+    from tether.presets import preset_names, preset_path
+
+    assert {"tiny", "small", "adaptive-kl"} <= set(preset_names())
+    for name in preset_names():
+        cfg, _ = load_config(PPOConfig, [], base_file=preset_path(name))  # valid, and batch sizes divide
+        assert cfg.num_steps >= 1
+    tiny, _ = load_config(PPOConfig, [], base_file=preset_path("tiny"))
+    assert (tiny.rollout_batch_size, tiny.sampling.max_new_tokens, tiny.num_steps) == (8, 16, 32)
+    assert tiny.sampling.top_k == 0  # what the preset does not set keeps its default
+    adaptive, _ = load_config(PPOConfig, [], base_file=preset_path("adaptive-kl"))
+    assert adaptive.kl.target == 6.0 and adaptive.missing_eos_penalty == 1.0
+    # preset < --config file < --field value, nested blocks merged key by key
+    run = tmp_path / "run.yaml"
+    run.write_text("sampling: {temperature: 0.7}\nlearning_rate: 2.0e-5\n")
+    cfg, extra = load_config(PPOConfig, ["--config", str(run), "--learning_rate", "5e-5"],
+                             base_file=preset_path("tiny"))
+    assert (cfg.sampling.max_new_tokens, cfg.sampling.temperature) == (16, 0.7)
+    assert cfg.learning_rate == 5e-5 and cfg.rollout_batch_size == 8
+    assert cli_main(["ppo", "--preset", "huge", "--policy", "p", "--reward", "r.py:f", "--prompts", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'huge'" in err and "tiny" in err
+    assert cli_main(["ppo", "--help"]) == 0
+    assert "adaptive-kl" in capsys.readouterr().out

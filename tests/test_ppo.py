@@ -262,6 +262,23 @@ def test_cli_resume_needs_only_the_run_directory_and_equals_an_uninterrupted_run
     assert "no config.yaml" in capsys.readouterr().err
 
 
+def test_cli_preset_sets_the_run_config(tmp_path):
+    tok = make_toy_tokenizer()
+    make_toy_model(tok).save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in make_toy_prompts(16)))
+    (tmp_path / "rewards.py").write_text("def f(prompts, responses, **c):\n    return [0.0] * len(responses)\n")
+    assert cli_main(["ppo", "--preset", "tiny", "--policy", str(tmp_path / "policy"), "--reward",
+                     f"{tmp_path / 'rewards.py'}:f", "--prompts", str(tmp_path / "prompts.jsonl"),
+                     "--output_dir", str(tmp_path / "out"), "--total_episodes", "16", "--device", "cpu",
+                     "--logging.report_to", "jsonl", "--logging.progress_bar", "false",
+                     "--logging.report", "false"]) == 0
+    saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert saved["rollout_batch_size"] == 8 and saved["sampling"]["max_new_tokens"] == 16
+    assert saved["total_episodes"] == 16  # the command line over the preset
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_cli_reports_unknown_key_and_missing_file(tmp_path, capsys):
     assert cli_main(["ppo", "--policy", "x", "--reward", "y.py:f", "--prompts", "z", "--sampling.top_q", "1"]) == 2
     assert "sampling.top_q" in capsys.readouterr().err

@@ -337,19 +337,33 @@ def take_repeated(argv: Sequence[str], name: str) -> tuple[list[str], list[str]]
     return values, rest
 
 
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, nested mappings merged key by key (a preset's sampling block keeps its other keys)."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(
-    cls: type[C], argv: Sequence[str], extra: Sequence[str] = ()
+    cls: type[C], argv: Sequence[str], extra: Sequence[str] = (), base_file: str | Path | None = None
 ) -> tuple[C, dict[str, str]]:
     """Parse ``[--config FILE.yaml] [--field value | --block.field value ...]`` into ``cls``.
 
-    Values given on the command line override the file. Names listed in ``extra`` (for example
-    ``policy`` or ``prompts``) are returned separately instead of being treated as config fields.
+    Values given on the command line override the file, and the file overrides ``base_file`` (a preset)
+    when one is given. Names listed in ``extra`` (for example ``policy`` or ``prompts``) are returned
+    separately instead of being treated as config fields.
     """
     args = split_args(argv)
     base: dict[str, Any] = {}
+    if base_file is not None:
+        base = _read_yaml_mapping(base_file)
     config_path = args.pop("config", None)
     if config_path is not None:
-        base = _read_yaml_mapping(config_path)
+        base = _merge(base, _read_yaml_mapping(config_path))
     extras = {k: args.pop(k) for k in list(args) if k in extra}
     for key, raw in args.items():
         # Kept as text: _coerce converts it to the field's type (YAML would turn "0123" into 83).
@@ -357,4 +371,5 @@ def load_config(
     try:
         return from_dict(cls, base), extras
     except ConfigError as exc:
-        raise ConfigError(f"{config_path}: {exc}" if config_path else str(exc)) from None
+        where = ", ".join(str(p) for p in (base_file, config_path) if p is not None)
+        raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None

@@ -710,14 +710,15 @@ class PPOTrainer:
 
 
 
-PPO_HELP = """usage: tether ppo [--config run.yaml] --policy DIR --reward SPEC [--reward SPEC ...] --prompts FILE
+PPO_HELP = """usage: tether ppo [--preset NAME] [--config run.yaml] --policy DIR --reward SPEC [--reward SPEC ...] --prompts FILE
                  [--reward_weights W1,W2] [--output_dir DIR] [--resume RUN_DIR] [--field value ...]
 
   --policy DIR       a causal LM directory (save_pretrained format); its tokenizer is loaded from it
   --reward SPEC      a reward-model directory or FILE.py:FUNCTION; repeat to compose rewards
   --reward_weights   comma-separated weights, one per --reward (default 1.0 each)
   --prompts FILE     JSONL/CSV/Parquet with a `prompt` column (other columns reach reward functions)
-  --resume RUN_DIR   continue from the newest checkpoint of RUN_DIR
+  --resume RUN_DIR   continue from the newest checkpoint of RUN_DIR (its config.yaml and inputs.yaml are used)
+  --preset NAME      start from a packaged preset (below); --config and --field value go on top of it
   --field value      any PPOConfig field, e.g. --learning_rate 1e-5 --sampling.max_new_tokens 32 --kl.coef 0.1
 """
 
@@ -725,10 +726,15 @@ PPO_HELP = """usage: tether ppo [--config run.yaml] --policy DIR --reward SPEC [
 def main(argv: Sequence[str]) -> int:
     """``tether ppo``: build the config from YAML + overrides, then train."""
     from tether.config import config_help, load_config, split_args, take_repeated
+    from tether.presets import preset_names, preset_path, preset_summary
 
     argv = list(argv)
     if "-h" in argv or "--help" in argv:
-        print(PPO_HELP + "\nPPOConfig fields (set in the YAML file or as --field value):")
+        print(PPO_HELP)
+        print("presets (--preset NAME, under --config and --field value):")
+        for name in preset_names():
+            print(f"  {name:<12} {preset_summary(name)}")
+        print("\nPPOConfig fields (set in the YAML file or as --field value):")
         print("\n".join(config_help(PPOConfig)))
         return 0
     # --reward may repeat (composition); the generic parser keeps one value per key
@@ -744,7 +750,13 @@ def main(argv: Sequence[str]) -> int:
             rest = ["--config", str(run / "config.yaml"), *rest]
         if (run / INPUTS_FILE).is_file():
             saved = yaml.safe_load((run / INPUTS_FILE).read_text()) or {}
-    cfg, extra = load_config(PPOConfig, rest, extra=("policy", "prompts", "resume", "tokenizer"))
+    rest_args = split_args(rest)
+    preset = preset_path(rest_args["preset"]) if "preset" in rest_args and resume is None else None
+    cfg, extra = load_config(
+        PPOConfig, rest, extra=("policy", "prompts", "resume", "tokenizer", "preset"), base_file=preset
+    )
+    if "preset" in extra and resume is not None:
+        raise ConfigError("--preset starts a new run; a resumed run keeps the config in its config.yaml")
     if resume is not None and "output_dir" not in {a.lstrip("-").split("=")[0].replace("-", "_") for a in rest}:
         cfg.output_dir = resume  # resuming writes into the run being resumed
     for name in ("policy", "prompts", "tokenizer"):
