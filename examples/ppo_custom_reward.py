@@ -4,7 +4,7 @@ Runs as is on a CPU in about a minute with the tiny in-process toy model. To mov
 thing at a time: first the model (``--policy DIR``, any AutoModelForCausalLM directory), then the reward
 function, then the prompts. Watch objective/scores rise and objective/kl stay between 0 and 10.
 
-    python examples/ppo_custom_reward.py [--policy DIR] [--output-dir runs/example]
+    python examples/ppo_custom_reward.py [--policy DIR] [--output-dir runs/example] [--steps 30]
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ def reward_fn(prompts: list[str], responses: list[str], **columns) -> list[float
     return [sum(c in "aeiou" for c in r) / len(r) if r else 0.0 for r in responses]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", help="a causal LM directory; default: the tiny toy GPT-2")
     parser.add_argument("--output-dir", default="runs/example")
-    args = parser.parse_args()
+    parser.add_argument("--steps", type=int, default=30, help="PPO steps of 32 prompts each")
+    args = parser.parse_args(argv)
     if args.policy:
         policy, tokenizer = args.policy, None  # the tokenizer is loaded from the same directory
     else:
@@ -33,7 +34,7 @@ def main() -> None:
     config = tether.PPOConfig(
         output_dir=args.output_dir,
         learning_rate=3e-3 if not args.policy else 1e-5,
-        total_episodes=32 * 30,
+        total_episodes=32 * args.steps,
         rollout_batch_size=32,
         mini_batch_size=16,
         micro_batch_size=16,
