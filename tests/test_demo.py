@@ -116,11 +116,26 @@ def test_missing_model_names_install_command(
     assert not (tmp_path / "sentiment").exists()  # failed before any training
 
 
-def test_default_threads_leaves_a_core_free() -> None:
+def test_default_threads_uses_every_core_only_on_an_idle_machine(tmp_path: Path) -> None:
     import os
 
-    threads = demo_main.default_threads()
-    assert 1 <= threads <= max(1, (os.cpu_count() or 1) - 1)
+    import torch
+
+    cores = min(torch.get_num_threads(), os.cpu_count() or 1)
+    assert demo_main.default_threads(busy=0.0) == cores
+    assert demo_main.default_threads(busy=0.9) == max(1, cores - 1)
+    assert demo_main.default_threads(busy=None) in (cores, max(1, cores - 1))  # measured now
+    # Between two /proc/stat snapshots 100 of 200 jiffies were busy (user 50 + system 50 of 200 in all).
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+    before = demo_main.cpu_times(str(stat))
+    assert before == (1000, 800)
+    stat.write_text("cpu  150 0 150 880 20 0 0 0 0 0\n")
+    assert demo_main.busy_share(before, demo_main.cpu_times(str(stat))) == pytest.approx(0.5)
+    assert demo_main.busy_share(before, before) is None
+    measured = demo_main.busy_cores(interval=0.05)
+    assert measured is None or 0.0 <= measured <= (os.cpu_count() or 1)
+    assert demo_main.busy_cores(interval=0.0, stat_path=str(tmp_path / "missing")) is None
 
 
 # ------------------------------------------------------------------------------------------ settings

@@ -25,16 +25,49 @@ DEFAULT_OUTPUT_DIR = "runs/demo"
 DEFAULT_STEPS = {"quick": 40, "sentiment": 36, "compare": 36, "reward-model": 36}
 
 
-def default_threads() -> int:
-    """One core fewer than the machine has (at least one), at most torch's own default.
+def cpu_times(stat_path: str = "/proc/stat") -> tuple[int, int]:
+    """(total, idle) jiffies of all cores since boot, from the first line of /proc/stat (Linux)."""
+    with open(stat_path) as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return sum(fields[:8]), fields[3] + fields[4]  # user nice system idle iowait irq softirq steal
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share of CPU time that was not idle between two ``cpu_times`` snapshots (None if no time passed)."""
+    total, idle = after[0] - before[0], after[1] - before[1]
+    return 1.0 - idle / total if total > 0 else None
+
+
+def busy_cores(interval: float = 0.5, stat_path: str = "/proc/stat") -> float | None:
+    """How many cores other processes keep busy, over ``interval`` seconds; None where /proc/stat is absent."""
+    import time
+
+    try:
+        before = cpu_times(stat_path)
+        time.sleep(interval)
+        share = busy_share(before, cpu_times(stat_path))
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if share is None else share * (os.cpu_count() or 1)
+
+
+def default_threads(busy: float | None = None) -> int:
+    """Every core when the machine is otherwise idle, else one core fewer (at least one).
 
     PyTorch's CPU kernels run one OpenMP thread per core and spin-wait for each other: when another process
     holds one of the cores, every operation waits for the thread that is not running. On a two-core machine
-    with one core busy we measured generation over 10x slower with two threads than with one (docs/demo.md).
+    with one core busy we measured generation over 10x slower with two threads than with one; on an idle one,
+    a demo step took 11 s with two threads and 17 s with one (docs/demo.md). So the demo looks before it
+    starts: ``busy`` is the number of cores other processes use (``busy_cores()`` when not given).
     """
     import torch
 
-    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1))
+    cores = min(torch.get_num_threads(), os.cpu_count() or 1)
+    if busy is None:
+        busy = busy_cores()
+    if busy is not None and busy < 0.25:
+        return max(1, cores)
+    return max(1, cores - 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="PPO steps (default 36; 40 with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (the SmolLM2 modes)")
     parser.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch (default: one fewer than the cores)"
+        "--threads", type=int, default=None, help="CPU threads for torch (default: every core if the machine is idle, else one fewer)"
     )
     parser.add_argument(
         "--learning-rate", "--learning_rate", type=float, default=None, help="override the learning rate"
