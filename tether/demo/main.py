@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct (LoRA) learns to continue movie reviews positively, rewarded by VADER sentiment, while
 the per-token KL penalty keeps it close to the frozen reference model. Modes:
 
-  tether demo                 the run (about 8 min on two CPU cores): progress bar, one line per step,
+  tether demo                 the run (about 7 min on two idle CPU cores): progress bar, one line per step,
                               samples before and after, the trained model in final/, an HTML report
   tether demo --no-kl         the same run with the KL coefficient at 0
   tether demo --compare       both runs, their curves overlaid (report + PNG) and samples side by side

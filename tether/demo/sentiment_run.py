@@ -60,7 +60,7 @@ SAMPLE_SEED = 1234
 class SentimentDemoSettings:
     """The knobs of the SmolLM2 sentiment demo; ``ppo_config`` turns them into a :class:`PPOConfig`.
 
-    The defaults finish in about 8 minutes on one CPU thread (see docs/demo.md for the measurements).
+    The defaults finish in about 7 minutes on two idle CPU cores, 10 on one (docs/demo.md has the measurements).
     """
 
     steps: int = 36
