@@ -93,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="PPO steps (default 36; 40 with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (the SmolLM2 modes)")
     parser.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch (default: every core if the machine is idle, else one fewer)"
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: every core if the machine is idle, else one fewer)",
     )
     parser.add_argument(
         "--learning-rate", "--learning_rate", type=float, default=None, help="override the learning rate"
