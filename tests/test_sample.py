@@ -69,6 +69,7 @@ def test_rows_carry_prompt_columns_lengths_and_scores(work, capsys):
     out = capsys.readouterr().out
     assert f"wrote 18 samples to {work / 's.jsonl'}" in out
     assert "more rows in" in out  # 18 rows, 8 shown
+    assert "|    score |   tokens" in out  # the table's number columns: the score and the response length
 
 
 def test_same_seed_same_samples_and_num_prompts(work):

@@ -167,10 +167,12 @@ def main(argv: Sequence[str]) -> int:
 
     if cfg.show > 0:
         width = shutil.get_terminal_size((120, 24)).columns
-        table = format_samples_table(rows, step=0, width=width, max_rows=cfg.show)
+        numbers = ("score", "tokens") if rewards else ("tokens",)
+        shown = [{**r, "tokens": r["response_tokens"]} for r in rows[: cfg.show]]
+        table = format_samples_table(shown, step=0, width=width, max_rows=cfg.show, numbers=numbers)
         table[0] = f"{len(rows)} samples of {extra['policy']}:"
         if len(rows) > cfg.show:
-            table[-1] = f"... {len(rows) - cfg.show} more rows in {path}"
+            table.append(f"... {len(rows) - cfg.show} more rows in {path}")
         print("\n".join(table))
     mean_len = sum(r["response_tokens"] for r in rows) / len(rows)
     eos = sum(r["has_eos"] for r in rows) / len(rows)

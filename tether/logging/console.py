@@ -58,37 +58,33 @@ def _fit(text: str, width: int) -> str:
 
 
 def format_samples_table(
-    rows: Sequence[Mapping[str, Any]], step: int, width: int, max_rows: int = 8
+    rows: Sequence[Mapping[str, Any]],
+    step: int,
+    width: int,
+    max_rows: int = 8,
+    numbers: Sequence[str] = ("score", "kl"),
 ) -> list[str]:
-    """Lines of a ``prompt | response | score | kl`` table fitted to ``width`` characters.
+    """Lines of a ``prompt | response | <numbers...>`` table fitted to ``width`` characters.
 
-    The text columns share what the two number columns leave, 2:3 in favour of the response (the part the FAQ
-    says to read: truncated or degenerate generations show there long before they show in the metrics).
+    The text columns share what the number columns (by default score and kl) leave, 2:3 in favour of the
+    response (the part the FAQ says to read: truncated or degenerate generations show there long before
+    they show in the metrics).
     """
-    text_width = max(width - 2 * _NUMBER_WIDTH - 3 * len(_SEP), 10)  # below ~35 columns lines overflow
+    n = len(numbers)
+    text_width = max(width - n * _NUMBER_WIDTH - (n + 1) * len(_SEP), 10)  # below ~35 columns lines overflow
     prompt_width = max(text_width * 2 // 5, 4)
     response_width = text_width - prompt_width
 
-    def line(prompt: str, response: str, score: str, kl: str) -> str:
-        cells = [
-            _fit(prompt, prompt_width),
-            _fit(response, response_width),
-            score.rjust(_NUMBER_WIDTH)[:_NUMBER_WIDTH],
-            kl.rjust(_NUMBER_WIDTH)[:_NUMBER_WIDTH],
-        ]
+    def line(prompt: str, response: str, values: Sequence[str]) -> str:
+        cells = [_fit(prompt, prompt_width), _fit(response, response_width)]
+        cells += [v.rjust(_NUMBER_WIDTH)[:_NUMBER_WIDTH] for v in values]
         return _SEP.join(cells).rstrip()
 
-    out = [f"samples at step {step}:", line("prompt", "response", "score", "kl")]
-    out.append("-" * min(width, prompt_width + response_width + 2 * _NUMBER_WIDTH + 3 * len(_SEP)))
+    out = [f"samples at step {step}:", line("prompt", "response", list(numbers))]
+    out.append("-" * min(width, prompt_width + response_width + n * _NUMBER_WIDTH + (n + 1) * len(_SEP)))
     for row in rows[:max_rows]:
-        out.append(
-            line(
-                str(row.get("prompt", "")),
-                str(row.get("response", "")),
-                format_cell(row.get("score"), digits=4),
-                format_cell(row.get("kl"), digits=4),
-            )
-        )
+        values = [format_cell(row.get(key), digits=4) for key in numbers]
+        out.append(line(str(row.get("prompt", "")), str(row.get("response", "")), values))
     if len(rows) > max_rows:
         out.append(f"... {len(rows) - max_rows} more rows in samples.jsonl")
     return out
