@@ -15,7 +15,6 @@ The reward model reads text with its own (BERT) tokenizer: tether decodes the po
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -34,7 +33,8 @@ from tether.demo.sentiment_run import (
     train_prompts,
     window_mean,
 )
-from tether.sampling import SamplingConfig, generate, truncate_at_eos
+from tether.sample import sample_responses, write_jsonl_atomic
+from tether.sampling import SamplingConfig
 from tether.trainers.reward import RewardConfig, RewardTrainer
 
 #: Name of the learned reward in the PPO run's metrics (``rewards/reward_model/mean``).
@@ -58,24 +58,6 @@ class PreferenceSet(NamedTuple):
     pairs: list[dict[str, str]]
     samples: list[dict[str, str]]
     ties: int
-
-
-@torch.inference_mode()
-def sample_continuations(
-    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int
-) -> list[str]:
-    """One pure-sampled continuation per prompt (the same sampler PPO's rollouts use)."""
-    eos = tokenizer.eos_token_id
-    eos_ids = [eos] if isinstance(eos, int) else list(eos)
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens)
-    model.eval()
-    out: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(list(prompts[start : start + batch_size]), padding=True, return_tensors="pt")
-        gen = generate(model, enc["input_ids"], enc["attention_mask"], cfg, eos_ids, tokenizer.pad_token_id)
-        cut = truncate_at_eos(gen.sequences[:, enc["input_ids"].shape[1] :], eos_ids, tokenizer.pad_token_id)
-        out.extend(tokenizer.batch_decode(cut.response_ids, skip_special_tokens=True))
-    return out
 
 
 def order_pairs(
@@ -105,12 +87,6 @@ def order_pairs(
     return PreferenceSet(pairs, samples, ties)
 
 
-def _write_jsonl(rows: Sequence[dict[str, str]], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 def build_preferences(
     out_dir: Path,
     settings: SentimentDemoSettings,
@@ -129,10 +105,13 @@ def build_preferences(
     prompts = prompts[:n_prompts]
     torch.manual_seed(settings.seed)
     doubled = [p for p in prompts for _ in range(2)]
-    texts = sample_continuations(model, tokenizer, doubled, settings.max_new_tokens, PAIR_BATCH)
+    # The same sampler as PPO's rollouts and `tether sample`: pure sampling, cut at the first EOS.
+    sampling = SamplingConfig(max_new_tokens=settings.max_new_tokens)
+    rows = sample_responses(model, tokenizer, doubled, sampling, PAIR_BATCH)
+    texts = [row["response"] for row in rows]
     prefs = order_pairs(prompts, texts[0::2], texts[1::2], rm_tokenizer)
-    _write_jsonl(prefs.pairs, out_dir / "preferences.jsonl")
-    _write_jsonl(prefs.samples, out_dir / "reference_samples.jsonl")
+    write_jsonl_atomic(prefs.pairs, out_dir / "preferences.jsonl")
+    write_jsonl_atomic(prefs.samples, out_dir / "reference_samples.jsonl")
     return prefs
 
 
