@@ -81,7 +81,7 @@ def test_same_seed_same_samples_and_num_prompts(work):
     assert [r["response"] for r in a] != [r["response"] for r in c]
 
 
-def test_batching_does_not_change_what_is_sampled_per_row_count(work):
+def test_every_batch_size_gives_one_bounded_response_per_prompt():
     tok = make_toy_tokenizer()
     policy = make_toy_model(tok, seed=0)
     prompts = make_toy_prompts(5)

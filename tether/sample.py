@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,7 +134,7 @@ def main(argv: Sequence[str]) -> int:
     for name in ("policy", "prompts"):
         if name not in extra:
             raise ConfigError(f"tether sample needs --{name}")
-    check_sampling_config(cfg.sampling)
+    check_sampling_config(cfg.sampling)  # before loading the model, so a refused setting fails at once
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     policy = load_causal_lm(extra["policy"])
@@ -148,10 +147,10 @@ def main(argv: Sequence[str]) -> int:
     indices = [i for i in range(n) for _ in range(cfg.samples_per_prompt)]
     prompts, columns = data.select(indices)
 
-    rows = sample_responses(policy, tokenizer, prompts, cfg.sampling, cfg.batch_size)
-    for i, row in enumerate(rows):
-        row["prompt"] = prompts[i]
-        row.update({k: v[i] for k, v in columns.items()})
+    rows = [
+        {"prompt": prompts[i], **row, **{k: v[i] for k, v in columns.items()}}
+        for i, row in enumerate(sample_responses(policy, tokenizer, prompts, cfg.sampling, cfg.batch_size))
+    ]
     if rewards:
         reward = build_reward(rewards if len(rewards) > 1 else rewards[0], device=device,
                               batch_size=cfg.reward_batch_size)
@@ -160,8 +159,6 @@ def main(argv: Sequence[str]) -> int:
             row["score"] = float(out.scores[i])
             if len(out.components) > 1:
                 row.update({f"score/{name}": float(v[i]) for name, v in out.components.items()})
-    order = ("prompt", "response")
-    rows = [{**{k: r[k] for k in order}, **{k: v for k, v in r.items() if k not in order}} for r in rows]
     path = Path(cfg.output)
     write_jsonl_atomic(rows, path)
 
@@ -179,5 +176,5 @@ def main(argv: Sequence[str]) -> int:
     summary = f"wrote {len(rows)} samples to {path} (mean length {mean_len:.1f} tokens, {eos:.0%} ended with EOS"
     if rewards:
         summary += f", mean score {sum(r['score'] for r in rows) / len(rows):+.4f}"
-    print(summary + ")", file=sys.stdout)
+    print(summary + ")")
     return 0

@@ -739,25 +739,25 @@ def main(argv: Sequence[str]) -> int:
         return 0
     # --reward may repeat (composition); the generic parser keeps one value per key
     rewards, rest = take_repeated(argv, "reward")
-    resume = split_args(rest).get("resume")
+    given = split_args(rest)  # what the command line names (dashes already read as underscores)
+    resume = given.get("resume")
     saved: dict[str, Any] = {}
     if resume is not None:
         # Resuming reads the run's own config.yaml and inputs.yaml; what the command line gives overrides them.
+        if "preset" in given:
+            raise ConfigError("--preset starts a new run; a resumed run keeps the config in its config.yaml")
         run = Path(resume)
         if not (run / "config.yaml").is_file():
             raise ConfigError(f"--resume {resume}: no config.yaml there; is it a tether ppo run directory?")
-        if "config" not in split_args(rest):
+        if "config" not in given:
             rest = ["--config", str(run / "config.yaml"), *rest]
         if (run / INPUTS_FILE).is_file():
             saved = yaml.safe_load((run / INPUTS_FILE).read_text()) or {}
-    rest_args = split_args(rest)
-    preset = preset_path(rest_args["preset"]) if "preset" in rest_args and resume is None else None
+    preset = preset_path(given["preset"]) if "preset" in given else None
     cfg, extra = load_config(
         PPOConfig, rest, extra=("policy", "prompts", "resume", "tokenizer", "preset"), base_file=preset
     )
-    if "preset" in extra and resume is not None:
-        raise ConfigError("--preset starts a new run; a resumed run keeps the config in its config.yaml")
-    if resume is not None and "output_dir" not in {a.lstrip("-").split("=")[0].replace("-", "_") for a in rest}:
+    if resume is not None and "output_dir" not in given:
         cfg.output_dir = resume  # resuming writes into the run being resumed
     for name in ("policy", "prompts", "tokenizer"):
         if name not in extra and name in saved:
