@@ -290,6 +290,6 @@ def test_presets_load_and_layer_under_the_config_file_and_the_command_line(tmp_p
     assert cfg.learning_rate == 5e-5 and cfg.rollout_batch_size == 8
     assert cli_main(["ppo", "--preset", "huge", "--policy", "p", "--reward", "r.py:f", "--prompts", "x"]) == 2
     err = capsys.readouterr().err
-    assert "unknown preset 'huge'" in err and "tiny" in err
+    assert "unknown ppo preset 'huge'" in err and "tiny" in err
     assert cli_main(["ppo", "--help"]) == 0
     assert "adaptive-kl" in capsys.readouterr().out

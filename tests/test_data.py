@@ -8,8 +8,16 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from transformers import PreTrainedTokenizerFast
 
-from tether.data import DataError, PromptSampler, check_prompt_lengths, load_prompts
+from tether.data import (
+    MESSAGES_COLUMN,
+    DataError,
+    PromptSampler,
+    check_prompt_lengths,
+    load_prompts,
+    render_prompts,
+)
 from tether.toy import make_toy_tokenizer
 
 ROWS = [
@@ -173,3 +181,159 @@ def test_prompt_sampler_state_round_trip(tmp_path: Path) -> None:
     resumed.next_indices(4)  # some unrelated history that the state must overwrite
     resumed.load_state_dict(torch.load(path, weights_only=False))
     assert [resumed.next_indices(3) for _ in range(8)] == expected
+
+
+# --- conversational prompts ---------------------------------------------------------------------------------
+
+# Every character the template writes is in the toy alphabet (lowercase, space, ".,!"): one token each.
+TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}.{% endif %}"
+CHATS = [
+    {
+        "prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}],
+        "answer": "a",
+    },
+    {
+        "prompt": [
+            {"role": "user", "content": "add two"},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "and three"},
+        ],
+        "answer": "b",
+    },
+]
+
+
+def chat_tokenizer(template: str = TEMPLATE) -> PreTrainedTokenizerFast:
+    tokenizer = make_toy_tokenizer()
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def _write_jsonl(path: Path, rows: list[object]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_chat_jsonl_loads_and_renders_exactly(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "chat.jsonl", CHATS)
+    data = load_prompts(path)
+    # as loaded: the conversations, and the last user message of each as a readable stand-in
+    assert data.messages == [r["prompt"] for r in CHATS]
+    assert data.prompts == ["hi there", "and three"] and len(data) == 2
+    assert not data.chat and data.columns == {"answer": ["a", "b"]}
+
+    rendered = render_prompts(data, chat_tokenizer())
+    # contents joined by the template, each followed by a space, then the generation prompt "."
+    assert rendered.prompts == ["be brief hi there .", "add two ok and three ."]
+    assert rendered.chat and rendered.messages == data.messages and rendered.source == str(path)
+    assert rendered.columns == {"answer": ["a", "b"], MESSAGES_COLUMN: [r["prompt"] for r in CHATS]}
+    prompts, columns = rendered.select([1, 1, 0])
+    assert prompts == ["add two ok and three ."] * 2 + ["be brief hi there ."]
+    assert columns[MESSAGES_COLUMN][2] == CHATS[0]["prompt"] and columns["answer"] == ["b", "b", "a"]
+    # one token per character: 22 tokens for row 1
+    check_prompt_lengths(rendered, chat_tokenizer(), max_prompt_length=22)
+    with pytest.raises(DataError, match=r"row 1: prompt is 22 tokens long"):
+        check_prompt_lengths(rendered, chat_tokenizer(), max_prompt_length=21)
+    # rendering again renders from the conversations, not from the rendered text
+    assert render_prompts(rendered, chat_tokenizer()) == rendered
+
+
+def test_chat_from_a_list_and_a_dataset() -> None:
+    conversations = [r["prompt"] for r in CHATS]
+    from_list = render_prompts(load_prompts(conversations), chat_tokenizer())
+    assert from_list.prompts == ["be brief hi there .", "add two ok and three ."]
+    # Arrow gives every message of a column the union of the keys, filling the missing ones with None;
+    # those are dropped so that a template sees the message as written.
+    rows = [
+        {"prompt": [{"role": "user", "content": "yo", "name": "ann"}]},
+        {"prompt": [{"role": "user", "content": "x"}]},
+    ]
+    data = load_prompts(datasets.Dataset.from_list(rows))
+    assert data.messages == [
+        [{"role": "user", "content": "yo", "name": "ann"}],
+        [{"role": "user", "content": "x"}],
+    ]
+    assert render_prompts(data, chat_tokenizer()).prompts == ["yo .", "x ."]
+
+
+def test_plain_strings_are_returned_unchanged() -> None:
+    data = load_prompts(["abc", "de"])
+    assert data.messages is None and not data.chat
+    assert render_prompts(data, chat_tokenizer()) is data
+    assert render_prompts(data, make_toy_tokenizer()) is data  # no template needed for plain text
+
+
+@pytest.mark.parametrize(
+    ("row", "pattern"),
+    [
+        ([], r"row 1: the 'prompt' field must be a non-empty list of chat messages, got list \[\]"),
+        (["hello"], r"row 1, message 0: expected a dict with 'role' and 'content', got str 'hello'"),
+        ([{"role": "user"}], r"row 1, message 0: no 'content' \(it has: role\)"),
+        ([{"content": "hi"}], r"row 1, message 0: no 'role' \(it has: content\)"),
+        (
+            [{"role": "user", "content": "a"}, {"role": 1, "content": "b"}],
+            r"row 1, message 1: 'role' must be a string, got int 1",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            r"row 1, message 0: 'content' must be a string, got list",
+        ),
+        ([{"role": " ", "content": "hi"}], r"row 1, message 0: 'role' is empty"),
+        ([{"role": "user", "content": "  "}], r"row 1: the last user message is empty"),
+        ([{"role": "system", "content": ""}], r"row 1: the last message is empty"),
+        (None, r"row 1: the 'prompt' field must be a non-empty list of chat messages, got NoneType None"),
+    ],
+)
+def test_bad_message_rows_are_named(tmp_path: Path, row: object, pattern: str) -> None:
+    path = _write_jsonl(tmp_path / "chat.jsonl", [CHATS[0], {"prompt": row}])
+    with pytest.raises(DataError, match=str(path).replace(".", r"\.") + ", " + pattern):
+        load_prompts(path)
+
+
+def test_mixed_rows_name_the_first_row_of_the_other_kind(tmp_path: Path) -> None:
+    chat = CHATS[0]["prompt"]
+    with pytest.raises(
+        DataError, match=r"the prompt list, row 2: .* is a list of chat messages, but row 0 is a string"
+    ):
+        load_prompts(["a", "b", chat, "c", chat])
+    path = _write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": chat}, {"prompt": chat}, {"prompt": "plain"}])
+    with pytest.raises(
+        DataError, match=r"mixed\.jsonl, row 2: .* is a string, but row 0 is a list of chat messages"
+    ):
+        load_prompts(path)
+
+
+def test_missing_chat_template_is_a_clear_error() -> None:
+    data = load_prompts([CHATS[0]["prompt"]])
+    with pytest.raises(
+        DataError, match=r"the prompt list holds chat messages, but the tokenizer .* has no chat template"
+    ):
+        render_prompts(data, make_toy_tokenizer())
+
+
+def test_template_failure_names_the_row() -> None:
+    strict = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('start with the user') }}{% endif %}"
+        + TEMPLATE
+    )
+    data = load_prompts([[{"role": "user", "content": "a"}], CHATS[0]["prompt"]])
+    with pytest.raises(
+        DataError, match=r"the prompt list, row 1: the chat template failed: .*start with the user"
+    ):
+        render_prompts(data, chat_tokenizer(strict))
+    with pytest.raises(
+        DataError, match=r"the prompt list, row 0: the chat template rendered str '  ', not text"
+    ):
+        render_prompts(data, chat_tokenizer("  "))
+
+
+def test_unrendered_conversations_are_refused_before_generation() -> None:
+    data = load_prompts([CHATS[0]["prompt"]])
+    with pytest.raises(DataError, match=r"not rendered yet: call tether\.data\.render_prompts"):
+        check_prompt_lengths(data, chat_tokenizer(), max_prompt_length=100)
+
+
+def test_a_prompt_messages_column_is_not_overwritten() -> None:
+    data = load_prompts(datasets.Dataset.from_list([{"prompt": CHATS[0]["prompt"], MESSAGES_COLUMN: "mine"}]))
+    with pytest.raises(DataError, match=r"already has a 'prompt_messages' column"):
+        render_prompts(data, chat_tokenizer())

@@ -87,6 +87,8 @@ def test_missing_keys_are_tolerated() -> None:
         # Exactly constant reward: flat as soon as the 20-step window is full.
         ("reward_flat", perturbed("objective/scores", lambda s, v: 0.5), 20),
         ("reward_no_variance", perturbed("objective/scores_std", lambda s, v: 0.0, start=30), 34),
+        # 95% of a GRPO step's groups all scored the same from step 30 (90% is still tolerated).
+        ("groups_no_signal", perturbed("rollout/frac_reward_zero_std", lambda s, v: 0.95 if s >= 30 else 0.9), 34),
         # A noisy plateau: not flat (it moves), but the 20-step mean stops improving over 50 steps. It can
         # first be checked at step 70 (50 + 20 steps of history), then needs 5 steps of patience.
         ("reward_stalled", perturbed("objective/scores", lambda s, v: 0.5 + 0.05 * math.sin(1.7 * s)), 74),

@@ -8,14 +8,20 @@ import pytest
 import torch
 
 from tether.kl import (
+    EXACT_KL,
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
+    KLTerms,
+    kl_full,
     kl_k1,
     kl_k2,
     kl_k3,
+    kl_needs_logits,
+    kl_needs_loss_term,
     kl_shaped_rewards,
     make_kl_controller,
+    token_kl,
 )
 
 LOG2 = math.log(2.0)
@@ -36,7 +42,10 @@ def test_estimators_by_hand() -> None:
     torch.testing.assert_close(
         kl_k3(logp, logq), torch.tensor([[LOG2 - 0.5, 1 - LOG2, 0.0]]), rtol=0, atol=1e-6
     )
-    assert (KL_ESTIMATORS["k1"], KL_ESTIMATORS["k2"], KL_ESTIMATORS["k3"]) == (kl_k1, kl_k2, kl_k3)
+    terms = KLTerms(logp, logq)
+    for name, fn in (("k1", kl_k1), ("k2", kl_k2), ("k3", kl_k3)):  # the registry's entries are these functions
+        torch.testing.assert_close(token_kl(name, terms), fn(logp, logq), rtol=0, atol=0)
+        assert not KL_ESTIMATORS[name].needs_logits
 
 
 def test_estimators_return_float32_from_low_precision_inputs() -> None:
@@ -176,3 +185,114 @@ def test_make_kl_controller() -> None:
     for target, horizon in ((0.0, 100), (-1.0, 100), (6.0, 0), (6.0, -5)):
         with pytest.raises(ValueError, match="target > 0 and horizon > 0"):
             make_kl_controller(0.1, target, horizon)
+
+
+def _random_kl_terms(temperature: float) -> KLTerms:
+    """Logits of two models for B=2, T=3, V=5 and the sampled tokens' logprobs at ``temperature``."""
+    g = torch.Generator().manual_seed(21)
+    logits, ref_logits = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    tokens = torch.randint(0, 5, (2, 3, 1), generator=g)
+    logp = torch.log_softmax(logits / temperature, -1).gather(-1, tokens).squeeze(-1)
+    logq = torch.log_softmax(ref_logits / temperature, -1).gather(-1, tokens).squeeze(-1)
+    return KLTerms(logp, logq, logits, ref_logits, temperature)
+
+
+# The direct function each registry entry must equal.
+DIRECT_KL = {
+    "k1": lambda t: kl_k1(t.logprobs, t.ref_logprobs),
+    "k2": lambda t: kl_k2(t.logprobs, t.ref_logprobs),
+    "k3": lambda t: kl_k3(t.logprobs, t.ref_logprobs),
+    "full": lambda t: kl_full(t.logits, t.ref_logits, t.temperature),
+}
+
+
+def test_kl_registry_holds_exactly_the_known_estimators() -> None:
+    assert set(KL_ESTIMATORS) == set(DIRECT_KL)
+    assert EXACT_KL == "full"
+
+
+@pytest.mark.parametrize("name", sorted(DIRECT_KL))
+def test_token_kl_equals_the_direct_function(name: str) -> None:
+    terms = _random_kl_terms(temperature=0.7)
+    out = token_kl(name, terms)
+    assert out.shape == (2, 3) and out.dtype == torch.float32
+    torch.testing.assert_close(out, DIRECT_KL[name](terms), rtol=0, atol=0)
+    assert kl_needs_logits(name) == (name == "full")
+
+
+def test_token_kl_full_reads_the_temperature() -> None:
+    # the same logits at temperature 0.7 and 1.0 give different exact KLs: the temperature is not dropped
+    hot, cold = _random_kl_terms(1.0), _random_kl_terms(0.7)
+    assert (token_kl("full", hot) - token_kl("full", cold)).abs().max() > 1e-3
+    # and at equal logits the exact KL is 0 at every token
+    same = hot._replace(ref_logits=hot.logits)
+    assert (token_kl("full", same) == 0).all()
+
+
+def test_token_kl_full_without_logits_raises() -> None:
+    terms = _random_kl_terms(1.0)
+    with pytest.raises(ValueError, match="logits"):
+        token_kl("full", KLTerms(terms.logprobs, terms.ref_logprobs))
+    with pytest.raises(ValueError, match="logits"):
+        token_kl("full", terms._replace(ref_logits=None))
+    # the logprob estimators need no logits
+    torch.testing.assert_close(
+        token_kl("k3", KLTerms(terms.logprobs, terms.ref_logprobs)), token_kl("k3", terms), rtol=0, atol=0
+    )
+
+
+def test_token_kl_unknown_estimator_raises_listing_the_known_ones() -> None:
+    terms = _random_kl_terms(1.0)
+    with pytest.raises(ValueError, match="unknown KL estimator 'k4'.*k1, k2, k3, full"):
+        token_kl("k4", terms)
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_needs_logits("k4")
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "full"])
+def test_kl_needs_loss_term_truth_table(estimator: str) -> None:
+    # in the loss: always a loss term. In the reward: only the full KL, whose per-token value does not
+    # depend on the sampled token, so the policy gradient misses its direct gradient.
+    assert kl_needs_loss_term("loss", estimator) is True
+    assert kl_needs_loss_term("reward", estimator) is (estimator == "full")
+
+
+def test_kl_shaped_rewards_puts_the_score_on_the_last_true_of_any_mask() -> None:
+    kl = torch.tensor(
+        [
+            [9.0, 9.0, 0.1, 0.2],  # left-padded: mask keeps 2..3
+            [0.3, 9.0, 0.4, 9.0],  # a hole at t=1: mask keeps 0 and 2
+            [9.0, 9.0, 9.0, 9.0],  # empty
+            [9.0, 0.5, 9.0, 9.0],  # a single token in the middle
+        ]
+    )
+    mask = torch.tensor(
+        [
+            [False, False, True, True],
+            [True, False, True, False],
+            [False, False, False, False],
+            [False, True, False, False],
+        ]
+    )
+    scores = torch.tensor([2.0, 3.0, 5.0, -1.0])
+    rewards, non_score = kl_shaped_rewards(scores, kl, mask, kl_coef=0.1)
+    # -0.1 * kl on kept tokens; the score on the last True: row 0 at t=3, row 1 at t=2 (not t=0, not the
+    # hole), row 2 nowhere, row 3 at t=1; every position outside the mask exactly 0
+    expected = torch.tensor(
+        [
+            [0.0, 0.0, -0.01, 2.0 - 0.02],
+            [-0.03, 0.0, 3.0 - 0.04, 0.0],
+            [0.0, 0.0, 0.0, 0.0],
+            [0.0, -1.0 - 0.05, 0.0, 0.0],
+        ]
+    )
+    torch.testing.assert_close(rewards, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        non_score,
+        torch.tensor([[0.0, 0.0, -0.01, -0.02], [-0.03, 0.0, -0.04, 0.0], [0.0] * 4, [0.0, -0.05, 0.0, 0.0]]),
+        rtol=0,
+        atol=1e-6,
+    )
+    assert (rewards[~mask] == 0).all() and (non_score[~mask] == 0).all()
+    # the empty row carries no score anywhere: its total is 0, not 5
+    assert rewards[2].abs().sum().item() == 0.0

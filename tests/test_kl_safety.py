@@ -14,7 +14,9 @@ from transformers.generation.logits_process import (
 )
 
 import tether
-import tether.trainers.ppo as ppo_module
+import tether.logprobs as logprobs_module
+import tether.rollout as rollout_module
+import tether.trainers.common as common_module
 from tether.config import ConfigError
 from tether.kl import kl_full, kl_k1
 from tether.sampling import KLBiasError, SamplingConfig, warp_logits
@@ -136,8 +138,8 @@ def test_rollout_and_training_forward_logprobs_agree(tmp_path, sampling, estimat
 def test_logprob_agreement_catches_a_temperature_bug(tmp_path, monkeypatch):
     """The metric has teeth: scoring at the wrong temperature shows up as a large difference."""
     trainer = _trainer(_config(tmp_path, steps=1, sampling=SamplingConfig(max_new_tokens=8, temperature=0.5)))
-    real = ppo_module.selective_log_softmax
-    monkeypatch.setattr(ppo_module, "selective_log_softmax", lambda logits, ids, t=1.0: real(logits, ids, 1.0))
+    real = logprobs_module.selective_log_softmax  # the training forward's (policy_logprobs) copy only
+    monkeypatch.setattr(logprobs_module, "selective_log_softmax", lambda logits, ids, t=1.0: real(logits, ids, 1.0))
     assert trainer.train()[0]["rollout/logprob_diff_max"] > 1e-2
 
 
@@ -180,6 +182,12 @@ def test_kl_as_a_loss_term_trains_and_keeps_the_score_unshaped(tmp_path):
 # The Training FAQ's exploit: min_length sampling makes the k1 estimate read low or negative.
 
 
+def _without_the_guard(monkeypatch) -> None:
+    """Behave as a library without tether's sampling guard (the trainer's and the generator's checks off)."""
+    for module in (common_module, rollout_module):
+        monkeypatch.setattr(module, "check_sampling_config", lambda cfg: None)
+
+
 def _eos_heavy_policy_and_reference():
     """A policy that puts much more mass on EOS than its reference and is otherwise identical."""
     tok = make_toy_tokenizer()
@@ -200,7 +208,7 @@ def test_min_length_sampling_makes_k1_negative_while_the_exact_kl_is_positive(tm
     c = (1 - pi(EOS)) / (1 - ref(EOS)) < 1, so k1 = log c < 0 for every token; the exact KL is > 0.
     """
     tok, policy, ref = _eos_heavy_policy_and_reference()
-    monkeypatch.setattr(ppo_module, "check_sampling_config", lambda cfg: None)  # a library without the guard
+    _without_the_guard(monkeypatch)
     sampling = SamplingConfig(max_new_tokens=6, min_new_tokens=6)
     results, warnings = {}, {}
     for estimator in ("k1", "full"):
@@ -227,7 +235,7 @@ def test_training_under_min_length_hides_the_kl_from_k1_but_not_from_full(tmp_pa
     where EOS is never sampled; k1 cannot see it. The exact KL of the same policy on the same rollouts shows
     the drift, and it is never negative.
     """
-    monkeypatch.setattr(ppo_module, "check_sampling_config", lambda cfg: None)
+    _without_the_guard(monkeypatch)
     m = 8
     sampling = SamplingConfig(max_new_tokens=12, min_new_tokens=m)
     stop_early = lambda p, r, **_: [1.0 if len(x) <= m else 0.0 for x in r]  # noqa: E731

@@ -1,4 +1,4 @@
-"""The ``tether`` command line: ``tether ppo | sample | rm | demo | check-reward | report``."""
+"""The ``tether`` command line: ``tether ppo | grpo | sample | rm | demo | check-reward | report``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ commands:
   demo          the embedded end-to-end example (offline, CPU); --quick for the tiny toy task
   ppo           PPO with a KL penalty:  tether ppo --config run.yaml --policy DIR --reward DIR_OR_FILE.py:FN
                 --prompts FILE --output_dir DIR [--field value ...] [--resume RUN_DIR]
+  grpo          the group-baseline family (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++): same options as ppo,
+                plus --num_generations G --advantage grpo|rloo|reinforce++ --policy_loss ppo-clip|dual-clip|gspo
   sample        generate (and optionally score) a policy's responses to a prompt file, as JSONL
   rm            train a reward model (Bradley-Terry) on preference pairs
   check-reward  sanity-check a reward model or function before RL
@@ -24,9 +26,15 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, I
 
 
 def _ppo(argv: Sequence[str]) -> int:
-    from tether.trainers.ppo import main
+    from tether.train_cli import ppo_main
 
-    return main(argv)
+    return ppo_main(argv)
+
+
+def _grpo(argv: Sequence[str]) -> int:
+    from tether.train_cli import grpo_main
+
+    return grpo_main(argv)
 
 
 def _sample(argv: Sequence[str]) -> int:
@@ -61,6 +69,7 @@ def _report(argv: Sequence[str]) -> int:
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "ppo": _ppo,
+    "grpo": _grpo,
     "sample": _sample,
     "rm": _rm,
     "demo": _demo,

@@ -20,6 +20,9 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from tether.ops import exact_div
+from tether.sampling import SamplingConfig
+
 C = TypeVar("C")
 
 
@@ -78,6 +81,125 @@ class LoggingConfig:
     """Show a progress bar over total episodes."""
     report: bool = True
     """Write run_dir/report.html (plots, samples, health warnings) at the end of the run."""
+
+
+@dataclass
+class RLConfig:
+    """The fields every RL trainer shares (PPO, GRPO and its family): one name means one thing everywhere.
+
+    Batch vocabulary (TRL names in brackets): ``rollout_batch_size`` prompts per step [batch_size]; each
+    step trains on ``sequences_per_step`` sequences (one per prompt for PPO, G per prompt for GRPO);
+    ``mini_batch_size`` sequences per optimiser step [local_mini_batch_size]; ``micro_batch_size`` sequences
+    per forward/backward [per_device_train_batch_size]; gradient accumulation = mini / micro
+    [gradient_accumulation_steps].
+    """
+
+    output_dir: str = "runs/rl"
+    """Run directory: config.yaml, metrics.jsonl, samples.jsonl, checkpoints/, final/."""
+    overwrite_output_dir: bool = False
+    """Start afresh in an output_dir that already holds a run (its logs, checkpoints and final/ are removed).
+    Without it, such a directory is an error unless the run is resumed, so no earlier run is mixed or lost."""
+    seed: int = 0
+    """Seed for prompt order, sampling and updates; the same seed gives the same run on CPU."""
+    learning_rate: float = 3e-6
+    """AdamW learning rate (policy, and value model where there is one)."""
+    total_episodes: int = 10_000
+    """Prompts (episodes) to train on; steps = total_episodes // rollout_batch_size."""
+    rollout_batch_size: int = 64
+    """Prompts sampled per training step [TRL: batch_size]."""
+    mini_batch_size: int = 16
+    """Sequences per optimiser step [TRL: local_mini_batch_size]."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward; gradients are accumulated over mini/micro of them."""
+    cliprange: float = 0.2
+    """Policy ratio clip (low side, and high side unless cliprange_high is set)."""
+    cliprange_high: float | None = None
+    """Separate high-side ratio clip (DAPO's clip-higher); None = cliprange."""
+    loss_aggregation: Literal[
+        "token-mean", "seq-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum-norm"
+    ] = "token-mean"
+    """How per-token losses are reduced: token-mean (every token weighs the same), seq-mean-token-mean (each
+    sequence's mean, averaged; seq-mean is its short name), seq-mean-token-sum, token-sum-norm (sum / (B x
+    loss_norm_constant), Dr. GRPO). Independent of how a mini-batch is split into micro-batches."""
+    loss_norm_constant: float | None = None
+    """The constant of token-sum-norm; None = sampling.max_new_tokens (as in Dr. GRPO)."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of a response that hit max_new_tokens without EOS; None = no penalty."""
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping norm; None disables clipping."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (TRL and the N-implementation-details use 1e-5 rather than torch's 1e-8)."""
+    lr_scheduler: Literal["linear", "constant"] = "linear"
+    """Linear decay to 0 over the run (TRL's default) or a constant rate."""
+    max_prompt_length: int = 256
+    """Prompts longer than this many tokens are an error (naming the row)."""
+    forward_batch_size: int | None = None
+    """Sequences per no-grad rollout forward (policy, reference, value); None = micro_batch_size."""
+    reward_batch_size: int = 16
+    """Texts per reward-model forward."""
+    reward_weights: list[float] | None = None
+    """One weight per reward component when several are given (default 1.0 each)."""
+    reward_baseline: Literal["none", "prompt"] = "none"
+    """"prompt" scores r(prompt + response) - r(prompt): removes the part of the reward the policy cannot
+    change (TRL Training FAQ, debugging: normalise a reward dominated by the prompt)."""
+    reward_norm: bool = False
+    """Normalise scores by the running mean/std of all scores seen so far."""
+    reward_clip: float | None = None
+    """Clip (normalised) scores to [-reward_clip, reward_clip]."""
+    device: str = "auto"
+    """"auto" (CUDA when available), "cpu", "cuda", "cuda:1", ..."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.total_episodes < self.rollout_batch_size:
+            raise ConfigError(
+                f"total_episodes ({self.total_episodes}) must be at least rollout_batch_size ({self.rollout_batch_size})"
+            )
+        for name in ("rollout_batch_size", "mini_batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        try:
+            exact_div(self.sequences_per_step, self.mini_batch_size, f"{self._sequences_name} / mini_batch_size")
+            exact_div(self.mini_batch_size, self.micro_batch_size, "mini_batch_size / micro_batch_size")
+        except ValueError as exc:
+            raise ConfigError(f"batch sizes do not divide: {exc}") from None
+        if self.sampling.allow_biased and self.kl.estimator not in ("k3", "full"):
+            raise ConfigError(
+                f"sampling.allow_biased=true needs kl.estimator 'k3' or 'full' (got {self.kl.estimator!r}): "
+                "with warped sampling the k1/k2 estimates are biased, and k1 can go negative and be exploited"
+            )
+        if self.loss_norm_constant is not None and self.loss_norm_constant <= 0:
+            raise ConfigError(f"loss_norm_constant must be > 0, got {self.loss_norm_constant}")
+
+    @property
+    def sequences_per_step(self) -> int:
+        """Sequences sampled and trained on per step (one per prompt here; G per prompt for group methods)."""
+        return self.rollout_batch_size
+
+    @property
+    def _sequences_name(self) -> str:
+        return "rollout_batch_size"
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.mini_batch_size // self.micro_batch_size
+
+    @property
+    def num_mini_batches(self) -> int:
+        return self.sequences_per_step // self.mini_batch_size
+
+    @property
+    def num_steps(self) -> int:
+        return self.total_episodes // self.rollout_batch_size
+
+    @property
+    def aggregation_constant(self) -> float:
+        """The constant of the token-sum-norm aggregation."""
+        return float(self.loss_norm_constant or self.sampling.max_new_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
-"""Prompt datasets: a list of strings, a ``datasets.Dataset``, or a local JSONL/CSV/Parquet file.
+"""Prompt datasets: a list, a ``datasets.Dataset``, or a local JSONL/CSV/Parquet file.
 
-Columns other than ``prompt`` are kept and passed to reward functions by name.
+A prompt is a string, or a conversation: a list of chat messages ``[{"role": "user", "content": "..."}]``
+as in TRL's conversational datasets, turned into text by :func:`render_prompts` with the tokenizer's chat
+template. Columns other than ``prompt`` are kept and passed to reward functions by name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +21,31 @@ class DataError(ValueError):
     """A prompt source that cannot be used, with the file/row/field at fault."""
 
 
+Message = dict[str, Any]
+
+#: The column :func:`render_prompts` stores the raw conversations in, for reward functions to read by name.
+MESSAGES_COLUMN = "prompt_messages"
+
+
 @dataclass(frozen=True)
 class PromptData:
+    """Prompts and their extra columns, in one of three states.
+
+    - Plain text: ``prompts`` are the policy's inputs, ``messages`` is None, ``chat`` is False.
+    - Conversational, as loaded: ``messages`` holds each row's conversation and ``prompts`` a readable
+      stand-in, the content of the row's last user message (of its last message when none is from the
+      user). The stand-in serves ``len``, display and error messages, never generation:
+      :func:`check_prompt_lengths` refuses data in this state until :func:`render_prompts` has run.
+    - Rendered by :func:`render_prompts`: ``prompts`` are the chat-template texts, the conversations are
+      also the column ``prompt_messages``, and ``chat`` is True. The texts already carry the template's
+      special tokens (BOS, role markers), so whoever tokenises them must pass ``add_special_tokens=False``.
+    """
+
     prompts: list[str]
     columns: dict[str, list[Any]]  # extra columns, each of len(prompts)
     source: str  # where the prompts came from, for error messages
+    messages: list[list[Message]] | None = None  # the raw conversations when the data is conversational
+    chat: bool = False  # prompts are rendered chat-template text: tokenise with add_special_tokens=False
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -64,44 +87,157 @@ def read_rows_file(path: str | Path) -> list[dict[str, Any]]:
 
 
 def load_prompts(source: Any, column: str = "prompt") -> PromptData:
-    """Load prompts from a list of strings, a ``datasets.Dataset``, or a file path."""
-    if isinstance(source, str | Path) and not (isinstance(source, str) and "\n" in source):
-        path = Path(source)
-        if not path.exists():
-            raise DataError(f"prompt file {path} does not exist")
-        rows = read_rows_file(path)
-        name = str(path)
-    elif isinstance(source, Sequence) and all(isinstance(p, str) for p in source):
-        rows = [{column: p} for p in source]
-        name = "the prompt list"
-    elif hasattr(source, "column_names") and hasattr(source, "__getitem__"):
-        if column not in source.column_names:
-            raise DataError(
-                f"dataset has no {column!r} column; its columns are {', '.join(source.column_names)}"
-            )
-        rows = [dict(r) for r in source]
-        name = "the dataset"
-    else:
-        raise DataError(f"prompts must be a list of strings, a datasets.Dataset or a file path, got {type(source)}")
+    """Load prompts from a list (of strings or of conversations), a ``datasets.Dataset``, or a file path.
+
+    Every row's ``column`` must be of one kind: a non-empty string, or a conversation (a non-empty list of
+    dicts with string ``role`` and ``content``). Conversations land in ``messages``, see :class:`PromptData`.
+    """
+    rows, name = _read_source(source, column)
     if not rows:
         raise DataError(f"{name} holds no prompts")
     keys = list(rows[0].keys())
     if column not in rows[0]:
         raise DataError(f"{name} has no {column!r} column; its columns are {', '.join(keys) or '(none)'}")
-    prompts: list[str] = []
-    columns: dict[str, list[Any]] = {k: [] for k in keys if k != column}
-    for i, row in enumerate(rows):
-        text = row.get(column)
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{name}, row {i}: the {column!r} field is empty or not a string ({text!r})")
-        prompts.append(text)
-        for k in columns:
-            columns[k].append(row.get(k))
-    return PromptData(prompts, columns, name)
+    values = [row.get(column) for row in rows]
+    messages: list[list[Message]] | None = None
+    if isinstance(values[0], list):
+        messages = [_check_conversation(v, f"{name}, row {i}", column) for i, v in enumerate(values)]
+        prompts = [_stand_in(m, f"{name}, row {i}") for i, m in enumerate(messages)]
+    else:
+        prompts = [_check_text(v, f"{name}, row {i}", column) for i, v in enumerate(values)]
+    columns = {k: [row.get(k) for row in rows] for k in keys if k != column}
+    return PromptData(prompts, columns, name, messages=messages)
+
+
+def _read_source(source: Any, column: str) -> tuple[list[dict[str, Any]], str]:
+    """(rows, a name for error messages) of a prompt source."""
+    if isinstance(source, str | Path) and not (isinstance(source, str) and "\n" in source):
+        path = Path(source)
+        if not path.exists():
+            raise DataError(f"prompt file {path} does not exist")
+        return read_rows_file(path), str(path)
+    if (
+        isinstance(source, Sequence)
+        and not isinstance(source, str)
+        and all(isinstance(p, str | list) for p in source)
+    ):
+        return [{column: p} for p in source], "the prompt list"
+    if hasattr(source, "column_names") and hasattr(source, "__getitem__"):
+        if column not in source.column_names:
+            raise DataError(
+                f"dataset has no {column!r} column; its columns are {', '.join(source.column_names)}"
+            )
+        return [dict(r) for r in source], "the dataset"
+    raise DataError(
+        "prompts must be a list of strings or of chat-message lists, a datasets.Dataset or a file path, "
+        f"got {type(source)}"
+    )
+
+
+def _check_text(value: Any, where: str, column: str) -> str:
+    """A plain-text prompt, or the error for a row that is not one (``where`` is "source, row i")."""
+    if isinstance(value, list):
+        raise DataError(f"{where}: the {column!r} field is a list of chat messages, but row 0 is a string")
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: the {column!r} field is empty or not a string ({value!r})")
+    return value
+
+
+def _check_conversation(value: Any, where: str, column: str) -> list[Message]:
+    """A validated copy of one conversation (``where`` is "source, row i").
+
+    Keys whose value is None are dropped: Arrow fills a struct field missing from one message with None.
+    """
+    if isinstance(value, str):
+        raise DataError(f"{where}: the {column!r} field is a string, but row 0 is a list of chat messages")
+    if not isinstance(value, list) or not value:
+        raise DataError(
+            f"{where}: the {column!r} field must be a non-empty list of chat messages, got {_short(value)}"
+        )
+    out = []
+    for j, message in enumerate(value):
+        if not isinstance(message, Mapping):
+            raise DataError(
+                f"{where}, message {j}: expected a dict with 'role' and 'content', got {_short(message)}"
+            )
+        for key in ("role", "content"):
+            if message.get(key) is None:
+                raise DataError(
+                    f"{where}, message {j}: no {key!r} (it has: {', '.join(message) or 'nothing'})"
+                )
+            if not isinstance(message[key], str):
+                raise DataError(f"{where}, message {j}: {key!r} must be a string, got {_short(message[key])}")
+        if not message["role"].strip():
+            raise DataError(f"{where}, message {j}: 'role' is empty")
+        out.append({k: v for k, v in message.items() if v is not None})
+    return out
+
+
+def _stand_in(conversation: list[Message], where: str) -> str:
+    """The readable stand-in for an unrendered conversation: its last user message (else its last message)."""
+    user = [m["content"] for m in conversation if m["role"] == "user"]
+    text = user[-1] if user else conversation[-1]["content"]
+    if not text.strip():
+        raise DataError(f"{where}: the last {'user ' if user else ''}message is empty")
+    return text
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, with its type, for error messages."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= limit else text[: limit - 3] + '...'}"
+
+
+def render_prompts(data: PromptData, tokenizer: Any) -> PromptData:
+    """Render conversational prompts into text with the tokenizer's chat template; plain data is returned as is.
+
+    Each conversation becomes ``tokenizer.apply_chat_template(messages, tokenize=False,
+    add_generation_prompt=True)`` in ``prompts``; the conversations are kept in the column
+    ``prompt_messages`` (reward functions read them by name) and ``chat`` is set. The rendered text already
+    holds the template's special tokens: tokenise it with ``add_special_tokens=False``, or a BOS appears
+    twice. Rendering rendered data again renders from ``messages`` with the new tokenizer.
+    """
+    if data.messages is None:
+        return data
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(
+            f"{data.source} holds chat messages, but the tokenizer {name!r} has no chat template; "
+            "use a chat model's tokenizer, set tokenizer.chat_template, or give plain-string prompts"
+        )
+    columns = {k: v for k, v in data.columns.items() if not (data.chat and k == MESSAGES_COLUMN)}
+    if MESSAGES_COLUMN in columns:
+        raise DataError(
+            f"{data.source} already has a {MESSAGES_COLUMN!r} column, where render_prompts keeps the "
+            "conversations; rename it"
+        )
+    prompts = [_render(tokenizer, m, f"{data.source}, row {i}") for i, m in enumerate(data.messages)]
+    columns[MESSAGES_COLUMN] = list(data.messages)
+    return dataclasses.replace(data, prompts=prompts, columns=columns, chat=True)
+
+
+def _render(tokenizer: Any, conversation: list[Message], where: str) -> str:
+    """One conversation through the chat template, with the row named when the template fails."""
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - e.g. a template that requires alternating roles
+        raise DataError(f"{where}: the chat template failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: the chat template rendered {_short(text)}, not text")
+    return text
 
 
 def check_prompt_lengths(data: PromptData, tokenizer: Any, max_prompt_length: int) -> None:
-    """Refuse prompts longer than ``max_prompt_length`` tokens, naming the first offending row."""
+    """Refuse prompts longer than ``max_prompt_length`` tokens, naming the first offending row.
+
+    Conversational data must have gone through :func:`render_prompts`: its ``prompts`` are only stand-ins
+    until then, and generating from them would silently drop the chat template.
+    """
+    if data.messages is not None and not data.chat:
+        raise DataError(
+            f"{data.source} holds chat messages that are not rendered yet: "
+            "call tether.data.render_prompts(data, tokenizer) before checking lengths or generating"
+        )
     lengths = [len(ids) for ids in tokenizer(data.prompts, add_special_tokens=False)["input_ids"]]
     for i, n in enumerate(lengths):
         if n > max_prompt_length:

@@ -88,6 +88,13 @@ ADVICE: dict[str, str] = {
         "responses; if the prompts are all too hard or all too easy (every score 0 or every score 1), change "
         "the prompt mix, sample more completions per prompt, or give partial credit."
     ),
+    "groups_no_signal": (
+        "Most prompts' completions all score the same (all right or all wrong), so under a group baseline "
+        "(GRPO, RLOO) their advantages are exactly zero and only the remaining groups teach the policy. If the "
+        "scores are all at the top the task is solved or too easy; at the bottom it is too hard for the policy "
+        "as it is. Change the prompt mix (filter solved and hopeless prompts), sample more completions per "
+        "prompt (num_generations), raise the sampling temperature, or give partial credit in the reward."
+    ),
     "reward_stalled": (
         "If the reward is near the best achievable, training is done. Otherwise check objective/kl and "
         "kl/coef: a KL coefficient that is too large holds the policy at the reference, so try a lower one or a "
@@ -180,6 +187,7 @@ class HealthMonitor:
         *,
         max_new_tokens: int | None = None,
         max_kl: float = 10.0,
+        max_zero_std_fraction: float = 0.9,
         min_kl: float = -0.05,
         max_negative_kl_fraction: float = 0.6,
         entropy_collapse_ratio: float = 0.1,
@@ -201,6 +209,7 @@ class HealthMonitor:
         self.patience = patience
         self.max_new_tokens = max_new_tokens
         self.max_kl = max_kl
+        self.max_zero_std_fraction = max_zero_std_fraction
         self.min_kl = min_kl
         self.max_negative_kl_fraction = max_negative_kl_fraction
         self.entropy_collapse_ratio = entropy_collapse_ratio
@@ -230,6 +239,7 @@ class HealthMonitor:
             # The window already spans reward_window steps, so one step of "flat" is enough evidence.
             ("reward_flat", self._check_reward_flat, 1),
             ("reward_no_variance", self._check_scores_std, patience),
+            ("groups_no_signal", self._check_zero_std_groups, patience),
             ("reward_stalled", self._check_reward_stalled, patience),
             ("value_explained_variance", self._check_explained_variance, explained_variance_patience),
         ]
@@ -377,6 +387,17 @@ class HealthMonitor:
             return None
         return (
             f"objective/scores_std = {spread:.3g}: every response scored the same {self._for(self.patience)}."
+        )
+
+    def _check_zero_std_groups(self, m: dict[str, float]) -> _CheckResult:
+        fraction = m.get("rollout/frac_reward_zero_std")
+        if fraction is None or not math.isfinite(fraction):
+            return _MISSING
+        if fraction <= self.max_zero_std_fraction:
+            return None
+        return (
+            f"rollout/frac_reward_zero_std = {fraction:.2f}: more than {self.max_zero_std_fraction:.0%} of the "
+            f"groups carry no learning signal {self._for(self.patience)}."
         )
 
     def _check_reward_stalled(self, m: dict[str, float]) -> _CheckResult:

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
+
+from tether.ops import last_true_index
 
 KLEstimatorName = Literal["k1", "k2", "k3", "full"]
 
@@ -64,11 +66,74 @@ def kl_full(
     return torch.stack(rows).clamp(min=0.0)
 
 
-KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "k1": kl_k1,
-    "k2": kl_k2,
-    "k3": kl_k3,
+class KLTerms(NamedTuple):
+    """What a per-token KL estimator may read, for B sequences of T response tokens.
+
+    ``logprobs`` and ``ref_logprobs`` [B, T] are the sampled tokens' logprobs under the policy's own
+    distribution and the reference's, both at the sampling temperature. ``logits`` and ``ref_logits``
+    [B, T, V] are the raw logits that predicted each token; only estimators with ``needs_logits`` read them.
+    """
+
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    logits: torch.Tensor | None = None
+    ref_logits: torch.Tensor | None = None
+    temperature: float = 1.0
+
+
+class KLEstimator(NamedTuple):
+    """A per-token KL estimator: ``fn(terms) -> [B, T]`` and whether it reads the whole distributions.
+
+    An estimator with ``needs_logits`` is a function of the two next-token distributions alone, not of the
+    sampled token, so it needs the reference's logits (not just its logprobs) wherever it is evaluated.
+    """
+
+    fn: Callable[[KLTerms], torch.Tensor]
+    needs_logits: bool
+
+
+def _full(terms: KLTerms) -> torch.Tensor:
+    if terms.logits is None or terms.ref_logits is None:
+        raise ValueError("the full KL needs the policy's and the reference's logits")
+    return kl_full(terms.logits, terms.ref_logits, terms.temperature)
+
+
+#: kl.estimator -> estimator. A new estimator is a function and one entry here.
+KL_ESTIMATORS: dict[str, KLEstimator] = {
+    "k1": KLEstimator(lambda t: kl_k1(t.logprobs, t.ref_logprobs), needs_logits=False),
+    "k2": KLEstimator(lambda t: kl_k2(t.logprobs, t.ref_logprobs), needs_logits=False),
+    "k3": KLEstimator(lambda t: kl_k3(t.logprobs, t.ref_logprobs), needs_logits=False),
+    "full": KLEstimator(_full, needs_logits=True),
 }
+#: The estimator that is the exact KL (``kl.log_exact`` logs it beside the configured one).
+EXACT_KL = "full"
+
+
+def _estimator(name: str) -> KLEstimator:
+    if name not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {name!r}; expected one of {', '.join(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[name]
+
+
+def token_kl(estimator: str, terms: KLTerms) -> torch.Tensor:
+    """Per-token KL of the named estimator, [B, T] float32: the one entry point every trainer calls."""
+    return _estimator(estimator).fn(terms)
+
+
+def kl_needs_logits(estimator: str) -> bool:
+    """Whether ``estimator`` reads the reference's logits (so a forward must keep them, not only logprobs)."""
+    return _estimator(estimator).needs_logits
+
+
+def kl_needs_loss_term(placement: str, estimator: str) -> bool:
+    """Whether the KL must appear as a loss term for the gradient of the KL-regularised objective.
+
+    Always when it is placed in the loss. Also for an estimator that reads the whole distributions placed in
+    the reward: a per-token reward ``-beta * KL(pi(.|s_t) || ref(.|s_t))`` does not depend on the sampled
+    token, so the policy gradient only sees its effect on later states; the direct gradient of the KL at
+    ``s_t`` has to be added as a loss term (with the same coefficient).
+    """
+    return placement == "loss" or kl_needs_logits(estimator)
 
 
 def kl_shaped_rewards(
@@ -78,14 +143,15 @@ def kl_shaped_rewards(
 
     scores [B], kl [B, T], response_mask [B, T] (True = token counts) -> (rewards [B, T], non_score [B, T]).
     The score goes on the last token the mask keeps (the EOS, or the last token of a response that
-    hit the length limit), not one past it (DESIGN.md). Positions outside the mask are exactly 0.
+    hit the length limit), not one past it (DESIGN.md): the last True of each row, wherever it lies, so a
+    left-padded mask or one with holes is placed correctly too. Positions outside the mask are exactly 0.
     A row with an empty mask gets no score (it has no token to carry it).
     """
     mask = response_mask.bool()
     non_score = torch.where(mask, -kl_coef * kl.float(), torch.zeros_like(kl, dtype=torch.float32))
-    lengths = mask.sum(-1)  # [B]
-    last = (lengths - 1).clamp(min=0)
-    has_token = (lengths > 0).float()
+    last = last_true_index(mask)  # [B], -1 where the row is empty
+    has_token = (last >= 0).float()
+    last = last.clamp(min=0)
     rewards = non_score.clone()
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last] += scores.float() * has_token

@@ -5,11 +5,13 @@ Shapes: B batch, P prompt length (left-padded), T response length (right-padded)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from tether.sampling import SamplingConfig, kl_biasing_settings, warp_logits
 
 # Rows of [*, V] processed at once: bounds the float32 temporaries to _ROWS_PER_BLOCK x V.
 _ROWS_PER_BLOCK = 256
@@ -77,21 +79,61 @@ class ResponseForward(NamedTuple):
     logits: torch.Tensor  # [B, T, V] logits that predicted each response token (not temperature-scaled)
 
 
+def align_with_response(per_position: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """The entries of a per-position output [B, L, ...] that belong to each response token: [B, T, ...].
+
+    The output at position ``i - 1`` has seen the tokens up to ``i - 1`` only: its logits predict token ``i``
+    and its value is that of the state before token ``i``. The response tokens sit at ``[P, L)``, so their
+    entries are ``[P - 1, L - 1)``. Every trainer aligns logits and values with this one function.
+    """
+    return per_position[:, prompt_length - 1 : -1]
+
+
 def response_logits(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int
 ) -> torch.Tensor:
-    """Logits predicting each response token: [B, L] -> [B, T, V].
-
-    The token at position ``i`` is predicted by the logits at ``i - 1``, so the response slice of the
-    logits is ``[P - 1, L - 1)``.
-    """
+    """Logits predicting each response token: [B, L] -> [B, T, V] (see :func:`align_with_response`)."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     )
-    return out.logits[:, prompt_length - 1 : -1]
+    return align_with_response(out.logits, prompt_length)
+
+
+class PolicyForward(NamedTuple):
+    """The policy's view of B response tokens after one forward."""
+
+    logprobs: torch.Tensor  # [B, T] under the distribution sampled from (the PPO ratio's logprobs)
+    model_logprobs: torch.Tensor  # [B, T] under the policy's own distribution at the temperature (for KL)
+    logits: torch.Tensor  # [B, T, V] raw logits predicting each response token
+
+
+def policy_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+    sampling: SamplingConfig,
+    eos_token_ids: Sequence[int],
+) -> PolicyForward:
+    """Policy logprobs of the response tokens, under the sampled distribution and the model's own.
+
+    Both are at the sampling temperature. They differ only when ``sampling.allow_biased`` warps the sampling
+    distribution (top-k, top-p, min_new_tokens): then the ratio of a policy loss uses the warped one, so the
+    ratio is that of the distribution that really generated the tokens, while the KL uses the model's own.
+    input_ids, attention_mask [B, L] (prompt left-padded to P, response right-padded).
+    """
+    logits = response_logits(model, input_ids, attention_mask, prompt_length)  # [B, T, V]
+    response_ids = input_ids[:, prompt_length:]
+    model_lp = selective_log_softmax(logits, response_ids, sampling.temperature)
+    if sampling.allow_biased and kl_biasing_settings(sampling):
+        warped = warp_logits(logits, sampling, eos_token_ids)
+        lp = selective_log_softmax(warped, response_ids, 1.0)
+    else:
+        lp = model_lp
+    return PolicyForward(lp, model_lp, logits)
 
 
 def sequence_logprobs(

@@ -83,6 +83,19 @@ def first_true_index(mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return filled.min(dim=dim).values
 
 
+def last_true_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last True of each row; -1 where a row has none. [B, T] -> [B]."""
+    T = mask.shape[-1]
+    idx = torch.arange(T, device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), idx, torch.full_like(idx, -1)).max(dim=-1).values
+
+
+def is_prefix_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Whether each row is True up to some position and False after it (no holes, no left padding). [B, T] -> [B]."""
+    m = mask.bool()
+    return (m.long().cumsum(-1) == torch.arange(1, m.shape[-1] + 1, device=m.device)).sum(-1) == m.sum(-1)
+
+
 def exact_div(a: int, b: int, what: str) -> int:
     """``a // b``, raising a clear error when ``b`` does not divide ``a``."""
     if b <= 0 or a % b != 0:

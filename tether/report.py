@@ -88,15 +88,35 @@ SECTIONS: tuple[Section, ...] = (
     ),
     Section(
         "Response length",
-        "Mean tokens per response and the fraction ending with EOS. Watch for collapse to ~0 or pinning at "
-        "max_new_tokens.",
-        (PlotSpec("rollout/response_length"), PlotSpec("rollout/eos_fraction")),
+        "Mean tokens per response and the fraction ending with EOS (group trainers also log the shortest, the "
+        "longest and the share cut at max_new_tokens). Watch for collapse to ~0 or pinning at max_new_tokens.",
+        (
+            PlotSpec("rollout/response_length"),
+            PlotSpec("rollout/eos_fraction"),
+            PlotSpec("rollout/response_length_min"),
+            PlotSpec("rollout/response_length_max"),
+            PlotSpec("rollout/truncated_fraction"),
+        ),
+    ),
+    Section(
+        "Groups",
+        "Share of prompts whose completions all scored the same: under a group baseline their advantage is 0 "
+        "and they teach nothing. Near 1 means the task is too easy or too hard for the policy as it is.",
+        (PlotSpec("rollout/frac_reward_zero_std", hlines=(0.5,)),),
     ),
     Section(
         "Policy",
-        "Fraction of tokens whose ratio was clipped, and the approximate KL between the policy before and "
-        "after each update. Both rising steadily suggests too large a learning rate or too many epochs.",
-        (PlotSpec("policy/clipfrac"), PlotSpec("policy/approx_kl"), PlotSpec("policy/loss")),
+        "Fraction of tokens whose ratio was clipped (group trainers split it into the low side, A < 0, and the "
+        "high side, A > 0), and the approximate KL between the policy before and after each update. Both rising "
+        "steadily suggests too large a learning rate or too many epochs.",
+        (
+            PlotSpec("policy/clipfrac"),
+            PlotSpec("policy/clipfrac_low"),
+            PlotSpec("policy/clipfrac_high"),
+            PlotSpec("policy/approx_kl"),
+            PlotSpec("policy/loss"),
+            PlotSpec("policy/kl_loss"),
+        ),
     ),
     Section(
         "Value",

@@ -25,11 +25,12 @@ from typing import Any
 import torch
 
 from tether.config import ConfigError, config_help, load_config, take_repeated
-from tether.data import check_prompt_lengths, load_prompts
+from tether.data import check_prompt_lengths, load_prompts, render_prompts
 from tether.logging.console import format_samples_table
 from tether.models import disable_dropout, load_causal_lm, load_tokenizer, pick_device
 from tether.rewards import build_reward
-from tether.sampling import SamplingConfig, check_sampling_config, generate, truncate_at_eos
+from tether.rollout import HFGenerator
+from tether.sampling import SamplingConfig, check_sampling_config
 
 
 @dataclass
@@ -64,34 +65,30 @@ class SampleConfig:
             raise ConfigError(f"num_prompts must be >= 1 or null, got {self.num_prompts}")
 
 
-@torch.inference_mode()
 def sample_responses(
     policy: torch.nn.Module,
     tokenizer: Any,
     prompts: Sequence[str],
     sampling: SamplingConfig,
     batch_size: int,
+    chat: bool = False,
 ) -> list[dict[str, Any]]:
-    """One sampled response per prompt, as PPO's rollout draws it: [{response, response_tokens, has_eos}]."""
-    check_sampling_config(sampling)
-    eos = tokenizer.eos_token_id
-    eos_ids: list[int] = [eos] if isinstance(eos, int) else list(eos)
-    device = next(policy.parameters()).device
-    policy.eval()
+    """One sampled response per prompt, as PPO's rollout draws it: [{response, response_tokens, has_eos}].
+
+    ``chat``: the prompts are chat-template texts (:func:`tether.data.render_prompts`), already carrying the
+    template's special tokens.
+    """
+    generator = HFGenerator(policy, tokenizer, sampling, keep_logprobs=False, add_special_tokens=not chat)
     out: list[dict[str, Any]] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
-        enc = tokenizer(chunk, padding=True, return_tensors="pt").to(device)
-        P = enc["input_ids"].shape[1]
-        gen = generate(policy, enc["input_ids"], enc["attention_mask"], sampling, eos_ids, tokenizer.pad_token_id)
-        cut = truncate_at_eos(gen.sequences[:, P:], eos_ids, tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(cut.response_ids, skip_special_tokens=True)
+        gen = generator(prompts[start : start + batch_size])
+        texts = tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
         for i, text in enumerate(texts):
             out.append(
                 {
                     "response": text,
-                    "response_tokens": int(cut.response_mask[i].sum()),
-                    "has_eos": bool(cut.has_eos[i]),
+                    "response_tokens": int(gen.response_mask[i].sum()),
+                    "has_eos": bool(gen.has_eos[i]),
                 }
             )
     return out
@@ -141,7 +138,7 @@ def main(argv: Sequence[str]) -> int:
     tokenizer = load_tokenizer(extra.get("tokenizer"), extra["policy"])
     disable_dropout(policy)
     policy.to(device)
-    data = load_prompts(extra["prompts"])
+    data = render_prompts(load_prompts(extra["prompts"]), tokenizer)
     check_prompt_lengths(data, tokenizer, cfg.max_prompt_length)
     n = len(data) if cfg.num_prompts is None else min(cfg.num_prompts, len(data))
     indices = [i for i in range(n) for _ in range(cfg.samples_per_prompt)]
@@ -149,7 +146,9 @@ def main(argv: Sequence[str]) -> int:
 
     rows = [
         {"prompt": prompts[i], **row, **{k: v[i] for k, v in columns.items()}}
-        for i, row in enumerate(sample_responses(policy, tokenizer, prompts, cfg.sampling, cfg.batch_size))
+        for i, row in enumerate(
+            sample_responses(policy, tokenizer, prompts, cfg.sampling, cfg.batch_size, chat=data.chat)
+        )
     ]
     if rewards:
         reward = build_reward(rewards if len(rewards) > 1 else rewards[0], device=device,

@@ -16,7 +16,12 @@ import torch
 
 @dataclass(frozen=True)
 class Rollout:
-    """Everything a PPO update needs about one rollout batch. All tensors are plain (not inference) tensors."""
+    """What every algorithm knows about one rollout batch. All tensors are plain (not inference) tensors.
+
+    The parts that only some algorithms have are optional: ``ref_logprobs`` and ``kl`` exist when there is a
+    reference model (a KL coefficient > 0), ``values`` when there is a value model (PPO), ``exact_kl`` when
+    ``kl.log_exact`` asks for it, ``gen_logprobs`` when the generator kept the logprobs it sampled with.
+    """
 
     input_ids: torch.Tensor  # [B, L] prompt (left-padded) + response (right-padded, pad after EOS)
     attention_mask: torch.Tensor  # [B, L] 1 on real prompt tokens and on response tokens up to EOS
@@ -25,12 +30,12 @@ class Rollout:
     logprobs: torch.Tensor  # [B, T] old logprobs: the policy's, under the distribution sampled from, float32
     model_logprobs: torch.Tensor  # [B, T] the policy's own distribution at the temperature (for KL); same as
     #                               logprobs unless sampling.allow_biased warps the sampling distribution
-    ref_logprobs: torch.Tensor  # [B, T] reference logprobs at the temperature, float32
-    kl: torch.Tensor  # [B, T] per-token KL estimate (kl.estimator), 0 outside the response mask
-    gen_logprobs: torch.Tensor  # [B, T] logprobs generate() itself sampled with (from its scores)
-    values: torch.Tensor  # [B, T] value of the state before each response token, float32
     entropy: torch.Tensor  # [B, T] entropy of the policy's next-token distribution, float32
     has_eos: torch.Tensor  # [B] bool
+    ref_logprobs: torch.Tensor | None = None  # [B, T] reference logprobs at the temperature, float32
+    kl: torch.Tensor | None = None  # [B, T] per-token KL estimate (kl.estimator), 0 outside the response mask
+    values: torch.Tensor | None = None  # [B, T] value of the state before each response token, float32
+    gen_logprobs: torch.Tensor | None = None  # [B, T] logprobs the generator itself sampled with
     exact_kl: torch.Tensor | None = None  # [B, T] exact per-token KL, when kl.log_exact asks for it
 
     @property

@@ -37,8 +37,8 @@ def sample_responses(trainer: PPOTrainer, prompts: list[str], seed: int = 1234) 
     state = torch.get_rng_state()
     torch.manual_seed(seed)
     try:
-        ro = trainer.rollout(prompts)
-        return trainer.tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
+        gen = trainer.generator(prompts)
+        return trainer.tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
     finally:
         torch.set_rng_state(state)
 

@@ -36,8 +36,10 @@ from tether.demo.plots import plot_curves
 from tether.demo.prompts import load_movie_prompts
 from tether.demo.sentiment import sentiment_reward
 from tether.models import ValueModel
+from tether.rollout import build_rollout
+from tether.run import RUN_DIR_OUTPUTS
 from tether.sampling import SamplingConfig
-from tether.trainers.ppo import RUN_DIR_OUTPUTS, PPOConfig, PPOTrainer
+from tether.trainers.ppo import PPOConfig, PPOTrainer
 
 #: Prompts whose samples are printed before and after training (fixed, so the two can be compared).
 SHOWN_PROMPTS: tuple[str, ...] = (
@@ -201,21 +203,27 @@ class Samples(NamedTuple):
 
 
 @torch.inference_mode()
-def sample_with_scores(trainer: PPOTrainer, prompts: Sequence[str], seed: int = SAMPLE_SEED) -> Samples:
-    """One continuation per prompt from the trainer's current policy, scored by the sentiment reward.
+def sample_with_scores(trainer: Any, prompts: Sequence[str], seed: int = SAMPLE_SEED) -> Samples:
+    """One continuation per prompt from a trainer's current policy, scored by the sentiment reward.
 
-    Uses ``trainer.rollout`` (the training-time sampler, pure sampling) under a fixed seed, restoring the global
-    RNG state afterwards so that taking samples does not change the training run.
+    Samples with ``trainer.generator`` (the training-time sampler, pure sampling) under a fixed seed, restoring
+    the global RNG state afterwards so that taking samples does not change the training run; the KL to the
+    reference is the trainer's estimator over the policy and reference forwards (0 when there is no reference).
     """
     state = torch.get_rng_state()
     torch.manual_seed(seed)
     try:
-        ro = trainer.rollout(list(prompts))
+        gen = trainer.generator(list(prompts))
     finally:
         torch.set_rng_state(state)
+    cfg = trainer.config
+    ro = build_rollout(
+        gen, trainer.policy, cfg.sampling, trainer.eos_token_ids, ref_policy=trainer.ref_policy,
+        kl_estimator=cfg.kl.estimator, chunk_size=cfg.forward_batch_size or cfg.micro_batch_size,
+    )
     responses = trainer.tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
     scores = sentiment_reward(list(prompts), responses)
-    kls = ro.kl.sum(-1).tolist()  # [B] summed over the response tokens
+    kls = ro.kl.sum(-1).tolist() if ro.kl is not None else [0.0] * len(responses)  # [B] summed over tokens
     return Samples(list(prompts), responses, scores, kls)
 
 

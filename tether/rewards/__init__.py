@@ -1,4 +1,4 @@
-"""Rewards: the reward-function Protocol, reward models, composition, normalisation and checks.
+"""Rewards: the reward Protocol, verifiable built-ins, reward models, composition, normalisation and checks.
 
 The PPO/GRPO trainers use only :func:`build_reward` and the :class:`Reward` it returns::
 
@@ -11,10 +11,25 @@ from tether.rewards.compose import Reward, build_reward, load_function
 from tether.rewards.losses import PairwiseLoss, bradley_terry_loss
 from tether.rewards.model import load_reward_model, score_texts, sequence_scores
 from tether.rewards.normalize import GainBias, RunningNorm, gain_bias_for, normalize_reward_model
+from tether.rewards.verifiable import (
+    VERIFIABLE_REWARDS,
+    ExactMatch,
+    NumericMatch,
+    RegexMatch,
+    build_verifiable,
+    extract_answer,
+    normalize_answer,
+    parse_number,
+    regex_fullmatch,
+)
 
 __all__ = [
+    "VERIFIABLE_REWARDS",
+    "ExactMatch",
     "GainBias",
+    "NumericMatch",
     "PairwiseLoss",
+    "RegexMatch",
     "Reward",
     "RewardError",
     "RewardFunction",
@@ -22,10 +37,15 @@ __all__ = [
     "RunningNorm",
     "bradley_terry_loss",
     "build_reward",
+    "build_verifiable",
+    "extract_answer",
     "gain_bias_for",
     "load_function",
     "load_reward_model",
+    "normalize_answer",
     "normalize_reward_model",
+    "parse_number",
+    "regex_fullmatch",
     "score_texts",
     "sequence_scores",
     "validate_scores",

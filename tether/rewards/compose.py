@@ -1,5 +1,5 @@
-"""`build_reward`: turn a spec (function, ``file.py:fn``, model directory, model instance, or a list of them)
-into one :class:`Reward` that scores a batch and reports each component.
+"""`build_reward`: turn a spec (function, ``file.py:fn``, built-in name, model directory, model instance, or a
+list of them) into one :class:`Reward` that scores a batch and reports each component.
 
 Composition: ``scores = sum_i weight_i * components[name_i]``. With ``baseline="prompt"`` each component is
 ``r(prompt + response) - r(prompt)`` before weighting — the TRL training FAQ's fix for a reward dominated by
@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.rewards.base import RewardError, RewardFunction, RewardOutput, validate_scores
 from tether.rewards.model import check_one_label, load_reward_model, model_name, score_texts
+from tether.rewards.verifiable import VERIFIABLE_REWARDS, build_verifiable, is_verifiable_spec
 
 Baseline = Literal["none", "prompt"]
 RewardSpec = Any  # RewardFunction | str | PreTrainedModel | tuple[model, tokenizer] | list of those
@@ -190,6 +191,10 @@ def _scorer(
             f"reward model {model_name(spec)!r} needs its tokenizer: pass (model, tokenizer) instead of the model"
         )
     if isinstance(spec, str):
+        # An existing path keeps its meaning, so a model directory named like a built-in still loads.
+        if is_verifiable_spec(spec) and not os.path.exists(spec):
+            fn = build_verifiable(spec)
+            return _FunctionScorer(fn, _function_name(fn))
         if os.path.isdir(spec):
             model, tokenizer = load_reward_model(spec, device=device)
             path = os.path.normpath(spec)
@@ -200,7 +205,10 @@ def _scorer(
         if ":" in spec:
             fn = load_function(spec)
             return _FunctionScorer(fn, _function_name(fn))
-        raise RewardError(f"reward {spec!r} is neither a model directory nor 'path/to/file.py:function'")
+        raise RewardError(
+            f"reward {spec!r} is neither a model directory nor 'path/to/file.py:function'"
+            f" nor a built-in ({', '.join(VERIFIABLE_REWARDS)})"
+        )
     if callable(spec):
         return _FunctionScorer(spec, _function_name(spec))
     raise RewardError(f"cannot build a reward from a {type(spec).__name__}")
@@ -227,11 +235,14 @@ def build_reward(
     """Build a :class:`Reward` from one spec or a list of specs.
 
     A spec is a reward function (named by its ``name`` attribute or ``__name__``), ``"path/to/file.py:fn"``,
-    a directory holding a one-label ``AutoModelForSequenceClassification`` and its tokenizer, or a
-    ``(model, tokenizer)`` tuple. ``weights`` default to 1.0 each. Reward models are moved to ``device``,
-    scored in micro-batches of ``batch_size`` and read at the last valid token; texts longer than the
-    context are an error unless ``max_length`` is set (then they are cut from the left). A model carrying a
-    normalisation gain/bias (``normalize_reward_model``) applies it.
+    a directory holding a one-label ``AutoModelForSequenceClassification`` and its tokenizer, a
+    ``(model, tokenizer)`` tuple, or a built-in verifiable reward by name (``"exact_match"``,
+    ``"numeric_match:tolerance=0.01,column=solution"``, ``"regex:PATTERN"``; see
+    :mod:`tether.rewards.verifiable`). A built-in name shadows a Python module of the same name in
+    ``"module:fn"``; an existing path is never read as a built-in. ``weights`` default to 1.0 each. Reward
+    models are moved to ``device``, scored in micro-batches of ``batch_size`` and read at the last valid
+    token; texts longer than the context are an error unless ``max_length`` is set (then they are cut from
+    the left). A model carrying a normalisation gain/bias (``normalize_reward_model``) applies it.
     """
     specs = list(spec) if isinstance(spec, list) else [spec]
     if not specs:

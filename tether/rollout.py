@@ -1,0 +1,207 @@
+"""Rollouts: sample responses (a :class:`Generator`), then the no-grad forwards every algorithm needs.
+
+Shapes: B batch, P prompt length (prompts left-padded), T response length (responses right-padded), L = P + T,
+V vocabulary. Masks are boolean, True where the token counts.
+
+A :class:`Generator` turns prompt strings into a :class:`Generation`: token ids cut at the first EOS and,
+when asked, the logprob each token was sampled with. :class:`HFGenerator` is the Hugging Face ``generate``
+implementation with the KL-safe settings of :mod:`tether.sampling`; ``tether sample``, the demos and every
+trainer sample through it. :func:`build_rollout` then runs the policy, and optionally the reference and a
+value model, over the sampled tokens (dropout off, no gradients) and returns a :class:`tether.types.Rollout`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import nn
+
+from tether.kl import EXACT_KL, KLTerms, token_kl
+from tether.logprobs import (
+    align_with_response,
+    entropy_from_logits,
+    policy_logprobs,
+    response_logits,
+    selective_log_softmax,
+)
+from tether.sampling import SamplingConfig, check_sampling_config, generate, truncate_at_eos
+from tether.types import Rollout
+
+
+class Generation(NamedTuple):
+    """B sampled responses to B prompts."""
+
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P] 1 on real prompt tokens
+    response_ids: torch.Tensor  # [B, T] cut at the first EOS (kept), pad after it; T = the longest response
+    response_mask: torch.Tensor  # [B, T] bool, True up to and including the first EOS
+    has_eos: torch.Tensor  # [B] bool
+    logprobs: torch.Tensor | None  # [B, T] logprob each token was sampled with (0 outside the mask), if kept
+
+    @property
+    def prompt_length(self) -> int:
+        return self.prompt_ids.shape[1]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """[B, L] prompt followed by response."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """[B, L] 1 on real prompt tokens and on response tokens up to the EOS."""
+        return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
+
+
+class Generator(Protocol):
+    """Samples one response per prompt from the current policy."""
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The token ids that end a response."""
+        ...
+
+    def __call__(self, prompts: Sequence[str]) -> Generation:
+        """[B] prompt strings -> their [B] responses."""
+        ...
+
+
+def eos_ids_of(tokenizer: Any) -> list[int]:
+    """The tokenizer's EOS id(s) as a list."""
+    eos = tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+class HFGenerator:
+    """:class:`Generator` on Hugging Face ``generate`` with exactly the settings of ``sampling``.
+
+    Args:
+        model: the policy (a transformers causal LM, or a peft model wrapping one); set to eval mode to sample.
+        tokenizer: its tokenizer, left-padding.
+        sampling: the sampling settings (refused when they would bias the KL, see :mod:`tether.sampling`).
+        keep_logprobs: also return the logprob each token was sampled with (from ``generate``'s processed
+            scores); it costs a [B, T, V] stack, so ``tether sample`` leaves it off.
+        add_special_tokens: False for prompts already rendered with a chat template (they carry its tokens).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        sampling: SamplingConfig,
+        *,
+        keep_logprobs: bool = True,
+        add_special_tokens: bool = True,
+    ) -> None:
+        check_sampling_config(sampling)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.keep_logprobs = keep_logprobs
+        self.add_special_tokens = add_special_tokens
+        self._eos = eos_ids_of(tokenizer)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self._eos
+
+    @torch.inference_mode()
+    def __call__(self, prompts: Sequence[str]) -> Generation:
+        device = next(self.model.parameters()).device
+        enc = self.tokenizer(
+            list(prompts), padding=True, return_tensors="pt", add_special_tokens=self.add_special_tokens
+        ).to(device)
+        prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
+        P = prompt_ids.shape[1]
+        self.model.eval()
+        pad = self.tokenizer.pad_token_id
+        gen = generate(
+            self.model, prompt_ids, prompt_mask, self.sampling, self._eos, pad, output_scores=self.keep_logprobs
+        )
+        cut = truncate_at_eos(gen.sequences[:, P:], self._eos, pad)
+        T = max(int(cut.response_mask.sum(-1).max().item()), 1)  # drop columns that are padding everywhere
+        response_ids, response_mask = cut.response_ids[:, :T], cut.response_mask[:, :T]
+        logprobs = None
+        if gen.scores is not None:
+            # generate()'s scores are the processed (warped, temperature-scaled) logits it sampled from.
+            scores = torch.stack(gen.scores[:T], dim=1)  # [B, T, V]
+            logprobs = selective_log_softmax(scores, response_ids, 1.0).masked_fill(~response_mask, 0.0)
+        return Generation(prompt_ids, prompt_mask, response_ids, response_mask, cut.has_eos, logprobs)
+
+
+@torch.inference_mode()
+def build_rollout(
+    generation: Generation,
+    policy: nn.Module,
+    sampling: SamplingConfig,
+    eos_token_ids: Sequence[int],
+    *,
+    ref_policy: nn.Module | None = None,
+    value_model: nn.Module | None = None,
+    kl_estimator: str = "k1",
+    log_exact_kl: bool = False,
+    chunk_size: int = 16,
+) -> Rollout:
+    """The no-grad forwards over sampled tokens, ``chunk_size`` sequences at a time, as a :class:`Rollout`.
+
+    Always the policy (old logprobs under the sampled and the model's own distribution, entropy); with
+    ``ref_policy`` the reference logprobs and the per-token KL of ``kl_estimator`` (and the exact KL when
+    ``log_exact_kl``); with ``value_model`` the value of the state before each response token. Models are put
+    in eval mode (dropout off).
+    """
+    input_ids, attention_mask = generation.input_ids, generation.attention_mask  # [B, L]
+    mask = generation.response_mask
+    P = generation.prompt_length
+    policy.eval()
+    if value_model is not None:
+        value_model.eval()
+    parts: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name: str, value: torch.Tensor) -> None:
+        parts.setdefault(name, []).append(value)
+
+    for s in range(0, input_ids.shape[0], chunk_size):
+        ids, att = input_ids[s : s + chunk_size], attention_mask[s : s + chunk_size]
+        fwd = policy_logprobs(policy, ids, att, P, sampling, eos_token_ids)
+        keep("logprobs", fwd.logprobs)
+        keep("model_logprobs", fwd.model_logprobs)
+        keep("entropy", entropy_from_logits(fwd.logits, sampling.temperature))
+        if ref_policy is not None:
+            ref_logits = response_logits(ref_policy, ids, att, P)
+            ref_lp = selective_log_softmax(ref_logits, ids[:, P:], sampling.temperature)
+            terms = KLTerms(fwd.model_logprobs, ref_lp, fwd.logits, ref_logits, sampling.temperature)
+            kl = token_kl(kl_estimator, terms)
+            keep("ref_logprobs", ref_lp)
+            keep("kl", kl)
+            if log_exact_kl:
+                keep("exact_kl", kl if kl_estimator == EXACT_KL else token_kl(EXACT_KL, terms))
+            del ref_logits
+        if value_model is not None:
+            keep("values", align_with_response(value_model(ids, att), P))  # value of the state before each token
+
+    def cat(name: str, masked: bool = False) -> torch.Tensor | None:
+        if name not in parts:
+            return None
+        out = torch.cat(parts[name])
+        # clone(): tensors made under inference_mode cannot be saved for backward in the update.
+        return (out.masked_fill(~mask, 0.0) if masked else out).clone()
+
+    gen_lp = generation.logprobs
+    return Rollout(
+        input_ids=input_ids.clone(),
+        attention_mask=attention_mask.clone(),
+        response_mask=mask.clone(),
+        prompt_length=P,
+        logprobs=cat("logprobs"),
+        model_logprobs=cat("model_logprobs"),
+        entropy=cat("entropy"),
+        has_eos=generation.has_eos.clone(),
+        ref_logprobs=cat("ref_logprobs"),
+        kl=cat("kl", masked=True),
+        values=cat("values"),
+        gen_logprobs=gen_lp.clone() if gen_lp is not None else None,
+        exact_kl=cat("exact_kl", masked=True),
+    )
+

@@ -1,0 +1,111 @@
+"""``tether ppo`` and ``tether grpo``: config from a preset, YAML and ``--field value``, then train or resume.
+
+Both commands read their arguments the same way, so one function serves both: presets under ``--config``
+under the command line; ``--reward`` may repeat (composed rewards); ``--resume RUN_DIR`` reads the run's own
+``config.yaml`` and ``inputs.yaml``, and whatever the command line gives overrides them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tether.config import ConfigError, config_help, load_config, split_args, take_repeated
+from tether.run import read_inputs
+
+USAGE = """usage: tether {name} [--preset NAME] [--config run.yaml] --policy DIR --reward SPEC [--reward SPEC ...] --prompts FILE
+                 [--reward_weights W1,W2] [--output_dir DIR] [--resume RUN_DIR] [--field value ...]
+
+  --policy DIR       a causal LM directory (save_pretrained format); its tokenizer is loaded from it
+  --reward SPEC      a reward-model directory, FILE.py:FUNCTION or a built-in (exact_match, numeric_match,
+                     regex:PATTERN); repeat to compose rewards
+  --reward_weights   comma-separated weights, one per --reward (default 1.0 each)
+  --prompts FILE     JSONL/CSV/Parquet with a `prompt` column (a string, or a list of chat messages rendered
+                     with the tokenizer's chat template); other columns reach reward functions by name
+  --resume RUN_DIR   continue from the newest checkpoint of RUN_DIR (its config.yaml and inputs.yaml are used)
+  --preset NAME      start from a packaged preset (below); --config and --field value go on top of it
+  --field value      any {config} field, e.g. --learning_rate 1e-5 --sampling.max_new_tokens 32 --kl.coef 0.1
+"""
+
+EXTRA_ARGS = ("policy", "prompts", "resume", "tokenizer", "preset")
+
+
+def print_help(name: str, config_cls: type) -> None:
+    from tether.presets import preset_names, preset_summary
+
+    print(USAGE.format(name=name, config=config_cls.__name__))
+    names = preset_names(name)
+    if names:
+        print("presets (--preset NAME, under --config and --field value):")
+        for preset in names:
+            print(f"  {preset:<12} {preset_summary(preset, name)}")
+    print(f"\n{config_cls.__name__} fields (set in the YAML file or as --field value):")
+    print("\n".join(config_help(config_cls)))
+
+
+def parse_train_args(name: str, config_cls: type, argv: Sequence[str]) -> tuple[Any, dict[str, Any], str | None]:
+    """(config, {"policy", "prompts", "tokenizer", "reward"}, resume directory or None) from the command line."""
+    from tether.presets import preset_path
+
+    rewards, rest = take_repeated(list(argv), "reward")
+    given = split_args(rest)  # what the command line names (dashes already read as underscores)
+    resume = given.get("resume")
+    saved: dict[str, Any] = {}
+    if resume is not None:
+        # Resuming reads the run's own config.yaml and inputs.yaml; what the command line gives overrides them.
+        if "preset" in given:
+            raise ConfigError("--preset starts a new run; a resumed run keeps the config in its config.yaml")
+        run = Path(resume)
+        if not (run / "config.yaml").is_file():
+            raise ConfigError(f"--resume {resume}: no config.yaml there; is it a tether {name} run directory?")
+        if "config" not in given:
+            rest = ["--config", str(run / "config.yaml"), *rest]
+        saved = read_inputs(run)
+    preset = preset_path(given["preset"], name) if "preset" in given else None
+    cfg, extra = load_config(config_cls, rest, extra=EXTRA_ARGS, base_file=preset)
+    if resume is not None and "output_dir" not in given:
+        cfg.output_dir = resume  # resuming writes into the run being resumed
+    for key in ("policy", "prompts", "tokenizer"):
+        if key not in extra and key in saved:
+            extra[key] = saved[key]
+    if not rewards and "reward" in saved:
+        rewards = saved["reward"] if isinstance(saved["reward"], list) else [saved["reward"]]
+    for key in ("policy", "prompts"):
+        if key not in extra:
+            raise ConfigError(f"tether {name} needs --{key}")
+    if not rewards:
+        raise ConfigError(f"tether {name} needs --reward (a reward-model directory, FILE.py:FUNCTION or a built-in)")
+    # The trainer builds the reward from the config (weights, baseline, device), so config.yaml describes the run.
+    extra["reward"] = rewards if len(rewards) > 1 else rewards[0]
+    return cfg, extra, resume
+
+
+def train_main(name: str, config_cls: type, trainer_cls: type, argv: Sequence[str]) -> int:
+    """Build the config and the trainer, resume when asked, train; print where the run went."""
+    argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        print_help(name, config_cls)
+        return 0
+    cfg, extra, resume = parse_train_args(name, config_cls, argv)
+    trainer = trainer_cls(
+        cfg, policy=extra["policy"], reward=extra["reward"], prompts=extra["prompts"], tokenizer=extra.get("tokenizer")
+    )
+    if resume is not None:
+        ckpt = trainer.resume(resume)
+        print(f"resumed from {ckpt} (step {trainer.step})")
+    trainer.train()
+    print(f"run directory: {trainer.run_dir}\nfinal model:   {trainer.run_dir / 'final'}")
+    return 0
+
+
+def ppo_main(argv: Sequence[str]) -> int:
+    from tether.trainers.ppo import PPOConfig, PPOTrainer
+
+    return train_main("ppo", PPOConfig, PPOTrainer, argv)
+
+
+def grpo_main(argv: Sequence[str]) -> int:
+    from tether.trainers.grpo import GRPOConfig, GRPOTrainer
+
+    return train_main("grpo", GRPOConfig, GRPOTrainer, argv)

@@ -1,0 +1,211 @@
+"""Pieces every RL trainer's loop calls: set-up, the mini-batch update loop, score shaping and metrics.
+
+Orchestration only; the maths lives in ``tether.kl``, ``tether.advantages``, ``tether.losses`` and
+``tether.logprobs``. Shapes: B sequences, T response length.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tether.config import RLConfig
+from tether.data import PromptData, check_prompt_lengths, load_prompts, render_prompts
+from tether.kl import KLTerms, kl_k1, kl_needs_logits, kl_needs_loss_term, token_kl
+from tether.logprobs import PolicyForward, response_logits
+from tether.losses import aggregate, loss_normalizer
+from tether.models import load_causal_lm, load_tokenizer, pick_device
+from tether.ops import masked_mean
+from tether.rewards import Reward, RunningNorm, build_reward
+from tether.run import linear_schedule
+from tether.sampling import biased_sampling_warning, check_sampling_config
+from tether.types import Rollout
+
+
+class RLInputs(NamedTuple):
+    """What every RL trainer loads before it builds its own models."""
+
+    device: torch.device
+    policy: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    data: PromptData
+    reward: Reward
+    score_norm: RunningNorm | None
+
+
+def load_rl_inputs(
+    config: RLConfig,
+    policy: str | Path | PreTrainedModel,
+    reward: Any,
+    prompts: Any,
+    tokenizer: str | Path | PreTrainedTokenizerBase | None,
+) -> RLInputs:
+    """Check the sampling settings, seed, then load the policy, tokenizer, prompts (chat-rendered) and reward."""
+    check_sampling_config(config.sampling)
+    warning = biased_sampling_warning(config.sampling)
+    if warning:
+        print(warning, file=sys.stderr)
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    model = load_causal_lm(policy)
+    tok = load_tokenizer(tokenizer, policy)
+    data = render_prompts(load_prompts(prompts), tok)
+    check_prompt_lengths(data, tok, config.max_prompt_length)
+    built = (
+        reward
+        if isinstance(reward, Reward)
+        else build_reward(
+            reward,
+            weights=config.reward_weights,
+            baseline=config.reward_baseline,
+            device=device,
+            batch_size=config.reward_batch_size,
+        )
+    )
+    score_norm = RunningNorm(clip=None, shift_mean=True) if config.reward_norm else None
+    return RLInputs(device, model, tok, data, built, score_norm)
+
+
+def make_optimizer(
+    params: Iterable[nn.Parameter], config: RLConfig, total_updates: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable ``params`` and its learning-rate schedule over ``total_updates`` steps."""
+    optimizer = torch.optim.AdamW(
+        [p for p in params if p.requires_grad],
+        lr=config.learning_rate,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_updates, config.lr_scheduler))
+    return optimizer, scheduler
+
+
+def shape_scores(scores: torch.Tensor, score_norm: RunningNorm | None, clip: float | None) -> torch.Tensor:
+    """Optional running normalisation, then clipping, of the sequence scores [B]."""
+    if score_norm is not None:
+        score_norm.update(scores)
+        if score_norm.count >= 2:
+            scores = score_norm.normalize(scores)
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    return scores
+
+
+def kl_loss_term(
+    config: RLConfig, ref_policy: nn.Module | None, batch: Rollout, fwd: PolicyForward, normalizer: float
+) -> torch.Tensor | None:
+    """The aggregated KL loss term of one micro-batch, before the coefficient; None when there is no reference
+    or the configured placement and estimator need no loss term (:func:`tether.kl.kl_needs_loss_term`)."""
+    kl_cfg = config.kl
+    if ref_policy is None or not kl_needs_loss_term(kl_cfg.placement, kl_cfg.estimator):
+        return None
+    if batch.ref_logprobs is None:
+        raise ValueError("a KL loss term needs the rollout's reference logprobs")
+    ref_logits = None
+    if kl_needs_logits(kl_cfg.estimator):  # the exact KL needs the reference's whole distribution again
+        with torch.no_grad():
+            ref_logits = response_logits(ref_policy, batch.input_ids, batch.attention_mask, batch.prompt_length)
+    terms = KLTerms(fwd.model_logprobs, batch.ref_logprobs, fwd.logits, ref_logits, config.sampling.temperature)
+    kl = token_kl(kl_cfg.estimator, terms)
+    return aggregate(kl, batch.response_mask, config.loss_aggregation, normalizer, config.aggregation_constant)
+
+
+MicroBatchLoss = Callable[[torch.Tensor, float], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def run_updates(
+    config: RLConfig,
+    response_mask: torch.Tensor,
+    epochs: int,
+    micro_batch_loss: MicroBatchLoss,
+    params: Callable[[], Iterable[nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+    per_token: frozenset[str],
+) -> dict[str, float]:
+    """``epochs`` passes of shuffled mini-batch optimiser steps, each accumulating micro-batch gradients.
+
+    ``micro_batch_loss(rows, normalizer)`` returns the loss of those rows already divided by the whole
+    mini-batch's ``normalizer`` (so the accumulated gradient does not depend on the micro-batch size) and its
+    statistics. Statistics named in ``per_token`` are token sums, divided by the tokens seen; the others are
+    averaged over mini-batches.
+    """
+    B = response_mask.shape[0]
+    device = response_mask.device
+    totals: dict[str, float] = {}
+    n_tokens = 0.0
+    n_minibatches = 0
+    for _ in range(epochs):
+        order = torch.randperm(B, generator=generator).to(device)
+        for start in range(0, B, config.mini_batch_size):
+            mb = order[start : start + config.mini_batch_size]
+            normalizer = loss_normalizer(response_mask[mb], config.loss_aggregation, config.aggregation_constant)
+            optimizer.zero_grad(set_to_none=True)
+            for micro_start in range(0, len(mb), config.micro_batch_size):
+                loss, stats = micro_batch_loss(mb[micro_start : micro_start + config.micro_batch_size], normalizer)
+                loss.backward()
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+            if config.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(list(params()), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            n_tokens += float(response_mask[mb].sum())
+            n_minibatches += 1
+    return {k: v / max(n_tokens, 1.0) if k in per_token else v / n_minibatches for k, v in totals.items()}
+
+
+def rollout_metrics(
+    ro: Rollout, scores: torch.Tensor, components: dict[str, torch.Tensor], kl_coef: float, show_components: bool
+) -> dict[str, float]:
+    """The metrics every RL trainer logs about a rollout (TRL's names where TRL has one)."""
+    mask = ro.response_mask
+    m: dict[str, float] = {
+        "objective/scores": float(scores.mean()),
+        "objective/scores_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+    }
+    if ro.kl is not None and ro.ref_logprobs is not None:
+        seq_k1 = kl_k1(ro.model_logprobs, ro.ref_logprobs).masked_fill(~mask, 0.0).sum(-1)
+        m["objective/kl"] = float(ro.kl.sum(-1).mean())
+        m["kl/negative_fraction"] = float((seq_k1 < 0).float().mean())
+        m["kl/k1"] = float(seq_k1.mean())
+        if ro.exact_kl is not None:
+            m["kl/exact"] = float(ro.exact_kl.sum(-1).mean())
+    m["objective/entropy"] = float(masked_mean(ro.entropy, mask)) if mask.any() else 0.0
+    m["kl/coef"] = kl_coef
+    lengths = mask.sum(-1).float()
+    m["rollout/response_length"] = float(lengths.mean())
+    m["rollout/eos_fraction"] = float(ro.has_eos.float().mean())
+    if ro.gen_logprobs is not None:
+        # Rollout/trainer agreement: what the generator sampled with vs the training forward (same tokens).
+        diff = (ro.gen_logprobs - ro.logprobs).abs().masked_fill(~mask, 0.0)
+        m["rollout/logprob_diff_max"] = float(diff.max())
+        m["rollout/logprob_diff_mean"] = float(diff.sum() / mask.sum().clamp(min=1))
+    if show_components:
+        for name, values in components.items():
+            m[f"rewards/{name}/mean"] = float(values.mean())
+            m[f"rewards/{name}/std"] = float(values.std()) if values.numel() > 1 else 0.0
+    return m
+
+
+def sample_rows(
+    prompts: list[str], responses: list[str], scores: torch.Tensor, seq_kl: torch.Tensor | None, n: int
+) -> list[dict[str, Any]]:
+    """The first ``n`` rows of a step as a sample table: prompt, response, score and summed KL."""
+    n = min(n, len(prompts))
+    return [
+        {
+            "prompt": prompts[i],
+            "response": responses[i],
+            "score": float(scores[i]),
+            "kl": float(seq_kl[i]) if seq_kl is not None else 0.0,
+        }
+        for i in range(n)
+    ]
