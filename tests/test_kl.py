@@ -296,3 +296,10 @@ def test_kl_shaped_rewards_puts_the_score_on_the_last_true_of_any_mask() -> None
     assert (rewards[~mask] == 0).all() and (non_score[~mask] == 0).all()
     # the empty row carries no score anywhere: its total is 0, not 5
     assert rewards[2].abs().sum().item() == 0.0
+
+
+def test_kl_shaped_rewards_keep_a_nan_score_of_an_empty_row_out():
+    # An empty row has no token to carry its score; a non-finite score there must not appear anywhere.
+    mask = torch.tensor([[True, True], [False, False]])
+    rewards, _ = kl_shaped_rewards(torch.tensor([1.0, float("nan")]), torch.zeros(2, 2), mask, 0.1)
+    assert rewards.tolist() == [[0.0, 1.0], [0.0, 0.0]]

@@ -7,7 +7,18 @@ import math
 import pytest
 import torch
 
-from tether.losses import aggregate, loss_normalizer, ppo_clip_loss, value_loss
+from tether.losses import (
+    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+    PolicyLossSettings,
+    aggregate,
+    dual_clip_loss,
+    gspo_loss,
+    loss_normalizer,
+    policy_loss,
+    ppo_clip_loss,
+    value_loss,
+)
 
 
 def _ratios_to_logprobs(ratios: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,3 +190,192 @@ def test_ppo_clip_loss_gradient_stays_finite_with_inf_logprobs_at_padding() -> N
     aggregate(out.loss, mask, "token-mean").backward()
     assert torch.isfinite(new.grad).all()
     assert new.grad[0, 2] == 0.0
+
+
+def test_ppo_clip_loss_splits_clipped_low_and_high() -> None:
+    # the hand case of test_ppo_clip_loss_each_branch_by_hand: token 1 (A=2, r=1.5 > 1.2) took the high
+    # clip; token 3 (A=-1, r=0.5 < 0.8) the low one; tokens 4 and 5 are outside the range on the
+    # pessimistic side (unclipped branch taken) and token 6 is masked, so neither flag is set there
+    new, old = _ratios_to_logprobs([1.1, 1.5, 0.9, 0.5, 0.5, 1.5, 2.0])
+    adv = torch.tensor([[2.0, 2.0, -1.0, -1.0, 2.0, -1.0, 5.0]])
+    mask = torch.tensor([[True] * 6 + [False]])
+    out = ppo_clip_loss(new, old, adv, mask, clip_low=0.2)
+    assert out.clipped_high.tolist() == [[False, True, False, False, False, False, False]]
+    assert out.clipped_low.tolist() == [[False, False, False, True, False, False, False]]
+    assert torch.equal(out.clipped, out.clipped_low | out.clipped_high)
+
+
+def test_dual_clip_loss_each_branch_by_hand() -> None:
+    # eps = 0.2, c = 3. PPO: max(-A r, -A clip(r, 0.8, 1.2)); dual-clip: min(that, -c A) when A < 0.
+    # gradient d/dlogp: -A r on the unclipped branch, 0 on a clipped or capped one.
+    #  0: A=-1, r=5   (far above 1.2) -> PPO max(5, 1.2) = 5; cap 3 binds -> 3, grad 0
+    #  1: A=-1, r=2   (above 1.2, below c) -> max(2, 1.2) = 2 < 3 -> 2, grad 2 (as PPO)
+    #  2: A=-1, r=0.9 (inside)        -> 0.9, grad 0.9
+    #  3: A=-1, r=0.5 (below 0.8)     -> max(0.5, 0.8) = 0.8, grad 0, clipped_low
+    #  4: A=2,  r=5                   -> max(-10, -2.4) = -2.4, grad 0, clipped_high (cap never applies to A>0)
+    #  5: A=2,  r=1.1 (inside)        -> -2.2, grad -2.2
+    #  6: A=-1, r=5, masked           -> 0, grad 0
+    new, old = _ratios_to_logprobs([5.0, 2.0, 0.9, 0.5, 5.0, 1.1, 5.0])
+    new.requires_grad_(True)
+    adv = torch.tensor([[-1.0, -1.0, -1.0, -1.0, 2.0, 2.0, -1.0]])
+    mask = torch.tensor([[True] * 6 + [False]])
+    out = dual_clip_loss(new, old, adv, mask, PolicyLossSettings(clip_low=0.2, dual_clip=3.0))
+    torch.testing.assert_close(
+        out.loss, torch.tensor([[3.0, 2.0, 0.9, 0.8, -2.4, -2.2, 0.0]]), rtol=0, atol=1e-5
+    )
+    out.loss.sum().backward()
+    torch.testing.assert_close(
+        new.grad, torch.tensor([[0.0, 2.0, 0.9, 0.0, 0.0, -2.2, 0.0]]), rtol=0, atol=1e-5
+    )
+    assert out.clipped_low.tolist() == [[False, False, False, True, False, False, False]]
+    assert out.clipped_high.tolist() == [[False, False, False, False, True, False, False]]
+
+
+def test_dual_clip_equals_ppo_clip_where_the_cap_does_not_bind() -> None:
+    # the cap only changes A < 0 tokens with r > c; with every ratio below c = 3 the two losses are the same
+    g = torch.Generator().manual_seed(8)
+    old = torch.randn(4, 6, generator=g) - 2
+    new = old + 0.3 * torch.randn(4, 6, generator=g).clamp(-3, 3)  # ratios within exp(+-0.9): 0.41 .. 2.46
+    adv, mask = torch.randn(4, 6, generator=g), torch.rand(4, 6, generator=g) > 0.3
+    # some kept A < 0 tokens have a ratio above 1 + eps: the branch the cap would act on next
+    assert (((new - old).exp() > 1.2) & (adv < 0) & mask).any()
+    dual = dual_clip_loss(new, old, adv, mask, PolicyLossSettings(clip_low=0.2, dual_clip=3.0))
+    ppo = ppo_clip_loss(new, old, adv, mask, clip_low=0.2)
+    torch.testing.assert_close(dual.loss, ppo.loss, rtol=0, atol=0)
+    assert torch.equal(dual.clipped_low, ppo.clipped_low) and torch.equal(dual.clipped_high, ppo.clipped_high)
+
+
+def test_dual_clip_refuses_a_bound_of_at_most_one() -> None:
+    new, old = _ratios_to_logprobs([1.0])
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        dual_clip_loss(
+            new, old, torch.ones(1, 1), torch.ones(1, 1, dtype=torch.bool), PolicyLossSettings(dual_clip=1.0)
+        )
+
+
+def test_gspo_ratio_and_clipping_are_per_sequence_by_hand() -> None:
+    # log ratios (new - old) per token; clip eps = 0.2 (range 0.8 .. 1.2), A = 1 on every token
+    #  row 0: 0.1, 0.3, (masked 5.0) -> mean 0.2 -> s = exp(0.2) = 1.2214028 > 1.2 -> whole row clipped,
+    #         loss -1.2 on both tokens (token-level PPO would not clip t=0: exp(0.1) = 1.105)
+    #  row 1: -0.3, 0.0, 0.6          -> mean 0.1 -> s = exp(0.1) = 1.1051709 -> no token clipped, loss -1.1051709
+    #         (token-level PPO would clip t=2: exp(0.6) = 1.82)
+    #  row 2: empty                    -> ratio 1, loss 0
+    old = torch.full((3, 3), -1.0)
+    new = old + torch.tensor([[0.1, 0.3, 5.0], [-0.3, 0.0, 0.6], [2.0, 2.0, 2.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True], [False, False, False]])
+    adv = torch.ones(3, 3)
+    out = gspo_loss(new, old, adv, mask, PolicyLossSettings(clip_low=0.2))
+    s0, s1 = math.exp(0.2), math.exp(0.1)
+    torch.testing.assert_close(
+        out.ratio, torch.tensor([[s0, s0, 1.0], [s1, s1, s1], [1.0, 1.0, 1.0]]), rtol=0, atol=1e-6
+    )
+    torch.testing.assert_close(
+        out.loss, torch.tensor([[-1.2, -1.2, 0.0], [-s1, -s1, -s1], [0.0, 0.0, 0.0]]), rtol=0, atol=1e-6
+    )
+    assert out.clipped_high.tolist() == [[True, True, False], [False, False, False], [False, False, False]]
+    assert not out.clipped_low.any()
+    # with A = -1 row 0 sits on the pessimistic side (not clipped) and row 1 stays inside
+    neg = gspo_loss(new, old, -adv, mask, PolicyLossSettings(clip_low=0.2))
+    assert not neg.clipped.any()
+    torch.testing.assert_close(neg.loss[0, :2], torch.tensor([s0, s0]), rtol=0, atol=1e-6)
+
+
+def test_gspo_gradient_equals_the_naive_sequence_objective() -> None:
+    """GSPO-token with seq-mean-token-mean has the gradient of mean_i max(-A_i s_i, -A_i clip(s_i))."""
+    g = torch.Generator().manual_seed(5)
+    B, T = 6, 5
+    lengths = [5, 1, 3, 4, 2, 5]
+    mask = torch.arange(T).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    old = torch.randn(B, T, generator=g) - 2
+    new = (old + 0.3 * torch.randn(B, T, generator=g)).requires_grad_(True)
+    adv_row = torch.tensor([1.0, -1.0, 0.5, -2.0, 1.5, -0.5])
+    adv = adv_row.unsqueeze(-1).expand(B, T)
+    settings = PolicyLossSettings(clip_low=0.1)
+
+    out = gspo_loss(new, old, adv, mask, settings)
+    (grad_fast,) = torch.autograd.grad(aggregate(out.loss, mask, "seq-mean-token-mean"), new)
+
+    # the naive objective, one sequence at a time, on the same leaf
+    terms = []
+    for i, n in enumerate(lengths):
+        s = torch.exp((new[i, :n] - old[i, :n]).mean())
+        terms.append(torch.maximum(-adv_row[i] * s, -adv_row[i] * torch.clamp(s, 0.9, 1.1)))
+    naive = torch.stack(terms).mean()
+    (grad_naive,) = torch.autograd.grad(naive, new)
+
+    clipped_rows = out.clipped.any(-1)
+    assert clipped_rows.any() and not clipped_rows.all()  # both kinds of row are exercised
+    torch.testing.assert_close(aggregate(out.loss, mask, "seq-mean-token-mean"), naive, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad_fast, grad_naive, rtol=0, atol=1e-6)
+    assert (grad_fast[clipped_rows] == 0).all() and (grad_fast[~mask] == 0).all()
+    assert (grad_fast[~clipped_rows.unsqueeze(-1) & mask] != 0).all()
+
+
+def test_policy_loss_registry_lookup() -> None:
+    assert set(POLICY_LOSSES) == {"ppo-clip", "dual-clip", "gspo"}
+    new, old = _ratios_to_logprobs([1.1, 1.5, 0.5, 6.0])
+    adv = torch.tensor([[2.0, 2.0, -1.0, -1.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    settings = PolicyLossSettings(clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    direct = {
+        "ppo-clip": ppo_clip_loss(new, old, adv, mask, clip_low=0.2, clip_high=0.28),
+        "dual-clip": dual_clip_loss(new, old, adv, mask, settings),
+        "gspo": gspo_loss(new, old, adv, mask, settings),
+    }
+    for name, expected in direct.items():
+        got = policy_loss(name, new, old, adv, mask, settings)
+        torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=0)
+        torch.testing.assert_close(got.ratio, expected.ratio, rtol=0, atol=0)
+    # the settings reach ppo-clip: with clip_high 0.28 token 1 is -2 * 1.28 = -2.56 (not -2.4)
+    assert policy_loss("ppo-clip", new, old, adv, mask, settings).loss[0, 1].item() == pytest.approx(
+        -2.56, abs=1e-5
+    )
+    with pytest.raises(ValueError, match="unknown policy loss 'ppo'.*ppo-clip, dual-clip, gspo"):
+        policy_loss("ppo", new, old, adv, mask, settings)
+
+
+AGG_LOSS = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0], [10.0, 20.0, 30.0]])
+AGG_MASK = torch.tensor(
+    [[True, True, False], [True, False, False], [False, False, False], [True, True, True]]
+)
+
+
+def test_every_aggregation_mode_by_hand() -> None:
+    # kept tokens: row 0: 1, 2; row 1: 4; row 2: none; row 3: 10, 20, 30. B = 4, 6 tokens, token sum 67.
+    #  token-mean:                 67 / 6
+    #  seq-mean(-token-mean):      row means 1.5, 4, 0, 20 -> 25.5 / 4 = 6.375
+    #  seq-mean-token-sum:         row sums 3, 4, 0, 60 -> 67 / 4 = 16.75
+    #  token-sum-norm, constant 8: 67 / (4 * 8) = 2.09375
+    expected = {
+        "token-mean": (67 / 6, 6.0),
+        "seq-mean": (6.375, 4.0),
+        "seq-mean-token-mean": (6.375, 4.0),
+        "seq-mean-token-sum": (16.75, 4.0),
+        "token-sum-norm": (67 / 32, 32.0),
+    }
+    assert set(expected) == set(LOSS_AGGREGATIONS)
+    for mode, (value, normalizer) in expected.items():
+        assert aggregate(AGG_LOSS, AGG_MASK, mode, constant=8).item() == pytest.approx(value, abs=1e-5), mode
+        assert loss_normalizer(AGG_MASK, mode, constant=8) == normalizer, mode
+
+
+def test_token_sum_norm_without_a_constant_raises() -> None:
+    for constant in (None, 0.0, -8.0):
+        with pytest.raises(ValueError, match="token-sum-norm needs a positive constant"):
+            aggregate(AGG_LOSS, AGG_MASK, "token-sum-norm", constant=constant)
+        with pytest.raises(ValueError, match="token-sum-norm needs a positive constant"):
+            loss_normalizer(AGG_MASK, "token-sum-norm", constant=constant)
+
+
+@pytest.mark.parametrize("mode", sorted(LOSS_AGGREGATIONS))
+def test_micro_batch_invariance_of_every_mode(mode: str) -> None:
+    g = torch.Generator().manual_seed(12)
+    B, T = 8, 6
+    loss = torch.randn(B, T, generator=g)
+    mask = torch.arange(T).unsqueeze(0) < torch.tensor([6, 1, 3, 0, 5, 2, 6, 4]).unsqueeze(1)
+    mask[2, 0] = False  # a hole: aggregation does not need a prefix mask
+    full = aggregate(loss, mask, mode, constant=8)
+    normalizer = loss_normalizer(mask, mode, constant=8)
+    for splits in ([(0, 3), (3, 5), (5, 8)], [(i, i + 1) for i in range(B)], [(0, 4), (4, 8)], [(0, 8)]):
+        summed = sum(aggregate(loss[i:j], mask[i:j], mode, normalizer) for i, j in splits)
+        torch.testing.assert_close(summed, full, rtol=0, atol=1e-6)

@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from tether.ops import exact_div, first_true_index, masked_mean, masked_sum, masked_var, masked_whiten
+from tether.ops import (
+    exact_div,
+    first_true_index,
+    is_prefix_mask,
+    last_true_index,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
 
 NAN = float("nan")
 
@@ -134,3 +143,30 @@ def test_whiten_matches_a_float64_reference_on_random_data() -> None:
     expected = torch.where(mask, (values.double() - mean) / std, torch.zeros((), dtype=torch.float64))
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
     assert math.isclose(out[mask].double().std().item(), 1.0, abs_tol=1e-5)
+
+
+# Rows shared by the two tests below, each named for the shape of mask it is.
+SHAPED_MASKS = torch.tensor(
+    [
+        [True, True, False, False],  # prefix (a response that ended at its EOS, t=1)
+        [False, False, False, False],  # empty response
+        [True, True, True, True],  # full row (hit the length limit)
+        [True, False, True, False],  # a hole at t=1
+        [False, False, True, True],  # left-padded
+        [False, False, False, True],  # left-padded, one token at the very end
+        [True, False, False, False],  # one-token prefix
+    ]
+)
+
+
+def test_last_true_index_by_hand() -> None:
+    # last True of each row: 1; none -> -1; 3; 2 (the hole does not end the row); 3; 3; 0
+    assert last_true_index(SHAPED_MASKS).tolist() == [1, -1, 3, 2, 3, 3, 0]
+    # integer masks: non-zero counts
+    assert last_true_index(torch.tensor([[0, 1, 0], [2, 0, 0]])).tolist() == [1, 0]
+
+
+def test_is_prefix_mask_by_hand() -> None:
+    # a prefix (possibly empty or full) is True; a hole or any left padding is not
+    assert is_prefix_mask(SHAPED_MASKS).tolist() == [True, True, True, False, False, False, True]
+    assert is_prefix_mask(torch.tensor([[1, 1, 0], [0, 1, 1]])).tolist() == [True, False]

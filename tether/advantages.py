@@ -91,12 +91,17 @@ def group_normalized(scores: torch.Tensor, group_size: int, scale: bool = True, 
     """GRPO baseline (Shao et al. 2024): ``(s - mean_group) / (std_group + eps)``.
 
     scores [B] with B = n_prompts * G, consecutive rows sharing a prompt -> [B]. The std is the
-    unbiased sample std of each group; ``scale=False`` only subtracts the mean (Dr. GRPO).
+    unbiased sample std of each group; ``scale=False`` only subtracts the mean (Dr. GRPO). A group of equal
+    scores gets exactly 0.
     """
     if group_size < 2 or scores.numel() % group_size != 0:
         raise ValueError(f"group_size must be >= 2 and divide the batch ({scores.numel()}), got {group_size}")
     grouped = scores.float().view(-1, group_size)  # [B/G, G]
     centred = grouped - grouped.mean(-1, keepdim=True)
+    # A group whose scores are all equal carries no signal: exactly 0. Computed, its float32 mean can round
+    # (three scores of 0.9 centre to +6e-8 each, with a std of 7e-8), and dividing by that std gives 0.8.
+    constant = grouped.amax(-1, keepdim=True) == grouped.amin(-1, keepdim=True)
+    centred = torch.where(constant, torch.zeros_like(centred), centred)
     if scale:
         centred = centred / (grouped.std(-1, keepdim=True) + eps)
     return centred.reshape(-1)

@@ -150,11 +150,12 @@ def kl_shaped_rewards(
     mask = response_mask.bool()
     non_score = torch.where(mask, -kl_coef * kl.float(), torch.zeros_like(kl, dtype=torch.float32))
     last = last_true_index(mask)  # [B], -1 where the row is empty
-    has_token = (last >= 0).float()
+    has_token = last >= 0
     last = last.clamp(min=0)
     rewards = non_score.clone()
     rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards[rows, last] += scores.float() * has_token
+    # where(), not a product: a NaN score of an empty row must not land outside the mask
+    rewards[rows, last] += torch.where(has_token, scores.float(), torch.zeros_like(scores, dtype=torch.float32))
     return rewards, non_score
 
 
