@@ -13,6 +13,7 @@ import json
 import math
 import random
 import re
+import shutil
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,43 @@ def test_rm_report_can_be_switched_off(work: Workdir, tmp_path: Path) -> None:
     assert cli_main(argv) == 0
     assert (tmp_path / "rm" / "final" / "config.json").is_file()
     assert not (tmp_path / "rm" / "report.html").exists()
+
+
+def test_rm_refuses_a_second_run_and_resumes_from_the_run_directory_alone(
+    work: Workdir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second ``tether rm`` into a run directory is refused; ``tether rm --resume DIR`` needs nothing else
+    (config.yaml, and inputs.yaml with the paths made absolute) and ends where the uninterrupted run ended."""
+    shutil.copytree(work.policy, tmp_path / "policy")
+    shutil.copy(work.preferences, tmp_path / "prefs.jsonl")
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
+    # 48 pairs: 5 held out, 43 trained on in 3 steps of 16 per epoch; 2 epochs = 6 steps, a checkpoint at 4.
+    argv = [
+        "rm", "--model", "policy", "--data", "prefs.jsonl", "--output_dir", "rm", "--learning_rate", "3e-3",
+        "--batch_size", "16", "--micro_batch_size", "16", "--num_epochs", "2", "--save_steps", "4",
+        "--report_to", "jsonl", "--report", "false", "--device", "cpu",
+    ]  # fmt: skip
+    run = tmp_path / "rm"
+    assert cli_main(argv) == 0
+    full = [{k: v for k, v in r.items() if k != "time"} for r in read_jsonl(run / "metrics.jsonl")]
+    assert [r["step"] for r in full] == [1, 2, 3, 4, 5, 6]
+    final = AutoModelForSequenceClassification.from_pretrained(run / "final").state_dict()
+    capsys.readouterr()
+
+    assert cli_main(argv) == 2  # it would append its metrics to the first run's
+    assert "already holds a run" in capsys.readouterr().err
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the relative paths of the first command mean nothing here
+    assert cli_main(["rm", "--resume", str(run)]) == 0
+    assert f"resumed from {run / 'checkpoints' / 'step-000004'} (step 4)" in capsys.readouterr().out
+    assert not list((tmp_path / "elsewhere").iterdir())  # output_dir defaults to the resumed run
+    # steps 5 and 6 again, from the checkpoint: the same records (no duplicates) and the same final model
+    assert [{k: v for k, v in r.items() if k != "time"} for r in read_jsonl(run / "metrics.jsonl")] == full
+    resumed = AutoModelForSequenceClassification.from_pretrained(run / "final").state_dict()
+    for key, value in final.items():
+        assert torch.equal(resumed[key], value), key
 
 
 # -- tether ppo with rewards --------------------------------------------------------------------------------

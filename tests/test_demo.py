@@ -386,3 +386,31 @@ def test_real_smollm2_demo_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
     for name in ("metrics.jsonl", "samples.jsonl", "config.yaml", "report.html", "final/model.safetensors"):
         assert (run.run_dir / name).is_file(), name
     assert "samples before -> after training" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_group_algorithms_on_tiny_stand_in(
+    tiny_smollm: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], algo: str
+) -> None:
+    settings = sr.SentimentDemoSettings(
+        steps=2, rollout_batch_size=4, mini_batch_size=4, max_new_tokens=6, value_layers=1, algo=algo,
+        num_generations=2,
+    )
+    cfg = sr.grpo_config(settings, tmp_path / "cfg")
+    # the PPO run's budget: 4 sequences a step, as 2 prompts x 2 continuations
+    assert (cfg.rollout_batch_size, cfg.num_generations, cfg.sequences_per_step) == (2, 2, 4)
+    assert cfg.advantage == ("rloo" if algo == "rloo" else "grpo")
+    assert (cfg.kl.estimator, cfg.kl.placement) == (("k1", "reward") if algo == "rloo" else ("k3", "loss"))
+    run = sr.run_sentiment(tmp_path / "run", settings)
+    assert len(run.history) == 2 and "rollout/frac_reward_zero_std" in run.history[0]
+    assert "value/loss" not in run.history[0]  # no value model
+    assert (run.run_dir / "final" / "config.json").is_file() and (run.run_dir / "report.html").is_file()
+    assert "mean sentiment on" in capsys.readouterr().out
+
+
+def test_algo_option_only_for_the_sentiment_run() -> None:
+    from tether.demo.main import parse_args
+
+    assert parse_args(["--algo", "grpo"]).algo == "grpo"
+    with pytest.raises(SystemExit):
+        parse_args(["--algo", "grpo", "--compare"])

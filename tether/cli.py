@@ -44,9 +44,9 @@ def _sample(argv: Sequence[str]) -> int:
 
 
 def _rm(argv: Sequence[str]) -> int:
-    from tether.trainers.reward import main
+    from tether.train_cli import rm_main
 
-    return main(list(argv))
+    return rm_main(list(argv))
 
 
 def _demo(argv: Sequence[str]) -> int:

@@ -122,6 +122,8 @@ def _read_source(source: Any, column: str) -> tuple[list[dict[str, Any]], str]:
         and all(isinstance(p, str | list) for p in source)
     ):
         return [{column: p} for p in source], "the prompt list"
+    if isinstance(source, Sequence) and source and all(isinstance(r, Mapping) for r in source):
+        return [dict(r) for r in source], "the prompt rows"  # rows as dicts: {"prompt": ..., "answer": ...}
     if hasattr(source, "column_names") and hasattr(source, "__getitem__"):
         if column not in source.column_names:
             raise DataError(
@@ -129,7 +131,8 @@ def _read_source(source: Any, column: str) -> tuple[list[dict[str, Any]], str]:
             )
         return [dict(r) for r in source], "the dataset"
     raise DataError(
-        "prompts must be a list of strings or of chat-message lists, a datasets.Dataset or a file path, "
+        "prompts must be a list of strings, of chat-message lists or of row dicts, a datasets.Dataset or a file "
+        "path, "
         f"got {type(source)}"
     )
 

@@ -118,7 +118,13 @@ class HFGenerator:
         self.model.eval()
         pad = self.tokenizer.pad_token_id
         gen = generate(
-            self.model, prompt_ids, prompt_mask, self.sampling, self._eos, pad, output_scores=self.keep_logprobs
+            self.model,
+            prompt_ids,
+            prompt_mask,
+            self.sampling,
+            self._eos,
+            pad,
+            output_scores=self.keep_logprobs,
         )
         cut = truncate_at_eos(gen.sequences[:, P:], self._eos, pad)
         T = max(int(cut.response_mask.sum(-1).max().item()), 1)  # drop columns that are padding everywhere
@@ -179,7 +185,9 @@ def build_rollout(
                 keep("exact_kl", kl if kl_estimator == EXACT_KL else token_kl(EXACT_KL, terms))
             del ref_logits
         if value_model is not None:
-            keep("values", align_with_response(value_model(ids, att), P))  # value of the state before each token
+            keep(
+                "values", align_with_response(value_model(ids, att), P)
+            )  # value of the state before each token
 
     def cat(name: str, masked: bool = False) -> torch.Tensor | None:
         if name not in parts:
@@ -204,4 +212,3 @@ def build_rollout(
         gen_logprobs=gen_lp.clone() if gen_lp is not None else None,
         exact_kl=cat("exact_kl", masked=True),
     )
-

@@ -44,24 +44,32 @@ def print_help(name: str, config_cls: type) -> None:
     print("\n".join(config_help(config_cls)))
 
 
-def parse_train_args(name: str, config_cls: type, argv: Sequence[str]) -> tuple[Any, dict[str, Any], str | None]:
+def resume_base(name: str, given: dict[str, str], argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """For ``--resume RUN_DIR``: ``argv`` with the run's config.yaml as the base ``--config`` (unless one is
+    given) and the run's inputs.yaml; what the command line gives overrides both. Unchanged without --resume."""
+    resume = given.get("resume")
+    if resume is None:
+        return argv, {}
+    run = Path(resume)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"--resume {resume}: no config.yaml there; is it a tether {name} run directory?")
+    if "config" not in given:
+        argv = ["--config", str(run / "config.yaml"), *argv]
+    return argv, read_inputs(run)
+
+
+def parse_train_args(
+    name: str, config_cls: type, argv: Sequence[str]
+) -> tuple[Any, dict[str, Any], str | None]:
     """(config, {"policy", "prompts", "tokenizer", "reward"}, resume directory or None) from the command line."""
     from tether.presets import preset_path
 
     rewards, rest = take_repeated(list(argv), "reward")
     given = split_args(rest)  # what the command line names (dashes already read as underscores)
     resume = given.get("resume")
-    saved: dict[str, Any] = {}
-    if resume is not None:
-        # Resuming reads the run's own config.yaml and inputs.yaml; what the command line gives overrides them.
-        if "preset" in given:
-            raise ConfigError("--preset starts a new run; a resumed run keeps the config in its config.yaml")
-        run = Path(resume)
-        if not (run / "config.yaml").is_file():
-            raise ConfigError(f"--resume {resume}: no config.yaml there; is it a tether {name} run directory?")
-        if "config" not in given:
-            rest = ["--config", str(run / "config.yaml"), *rest]
-        saved = read_inputs(run)
+    if resume is not None and "preset" in given:
+        raise ConfigError("--preset starts a new run; a resumed run keeps the config in its config.yaml")
+    rest, saved = resume_base(name, given, rest)
     preset = preset_path(given["preset"], name) if "preset" in given else None
     cfg, extra = load_config(config_cls, rest, extra=EXTRA_ARGS, base_file=preset)
     if resume is not None and "output_dir" not in given:
@@ -75,7 +83,9 @@ def parse_train_args(name: str, config_cls: type, argv: Sequence[str]) -> tuple[
         if key not in extra:
             raise ConfigError(f"tether {name} needs --{key}")
     if not rewards:
-        raise ConfigError(f"tether {name} needs --reward (a reward-model directory, FILE.py:FUNCTION or a built-in)")
+        raise ConfigError(
+            f"tether {name} needs --reward (a reward-model directory, FILE.py:FUNCTION or a built-in)"
+        )
     # The trainer builds the reward from the config (weights, baseline, device), so config.yaml describes the run.
     extra["reward"] = rewards if len(rewards) > 1 else rewards[0]
     return cfg, extra, resume
@@ -89,7 +99,11 @@ def train_main(name: str, config_cls: type, trainer_cls: type, argv: Sequence[st
         return 0
     cfg, extra, resume = parse_train_args(name, config_cls, argv)
     trainer = trainer_cls(
-        cfg, policy=extra["policy"], reward=extra["reward"], prompts=extra["prompts"], tokenizer=extra.get("tokenizer")
+        cfg,
+        policy=extra["policy"],
+        reward=extra["reward"],
+        prompts=extra["prompts"],
+        tokenizer=extra.get("tokenizer"),
     )
     if resume is not None:
         ckpt = trainer.resume(resume)
@@ -109,3 +123,64 @@ def grpo_main(argv: Sequence[str]) -> int:
     from tether.trainers.grpo import GRPOConfig, GRPOTrainer
 
     return train_main("grpo", GRPOConfig, GRPOTrainer, argv)
+
+
+RM_USAGE = """usage: tether rm [--config FILE.yaml] --model PATH --data FILE [--eval-data FILE] [--output_dir DIR]
+                 [--resume RUN_DIR] [--FIELD VALUE ...]
+
+Train a reward model on preference pairs.
+
+  --resume RUN_DIR   continue from the newest checkpoint of RUN_DIR (its config.yaml and inputs.yaml are used;
+                     the command line overrides them, and output_dir defaults to RUN_DIR)
+
+RewardConfig fields (set in the --config file or as --FIELD VALUE):"""
+
+#: The RewardConfig fields that name input files; inputs.yaml holds them as absolute paths for ``--resume``.
+RM_INPUT_FIELDS = ("model", "data", "eval_data", "normalize_data")
+
+
+def parse_rm_args(argv: Sequence[str]) -> tuple[Any, str | None]:
+    """(RewardConfig, resume directory or None) from the command line, read as ``tether ppo`` reads its own."""
+    from tether.trainers.reward import RewardConfig
+
+    given = split_args(argv)  # what the command line names (dashes already read as underscores)
+    resume = given.get("resume")
+    args, saved = resume_base("rm", given, list(argv))
+    config, _ = load_config(RewardConfig, args, extra=("resume",))
+    if resume is not None and "output_dir" not in given:
+        config.output_dir = resume  # resuming writes into the run being resumed
+    for key in RM_INPUT_FIELDS:
+        if key in saved and key not in given:
+            setattr(config, key, saved[key])
+    return config, resume
+
+
+def rm_main(argv: Sequence[str]) -> int:
+    """``tether rm``: train (or resume) a reward model; returns the exit status (0 ok, 2 bad arguments or data)."""
+    import os
+    import sys
+
+    from tether.data import DataError
+    from tether.rewards.base import RewardError
+    from tether.trainers.reward import RewardConfig, RewardTrainer
+
+    argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(RM_USAGE)
+        print("\n".join(config_help(RewardConfig)))
+        return 0
+    try:
+        config, resume = parse_rm_args(argv)
+        if config.model is None or config.data is None:
+            raise ConfigError("--model and --data are required (or set model/data in the --config file)")
+        trainer = RewardTrainer(config)
+        if resume is not None:
+            print(f"resumed from {trainer.resume(resume)} (step {trainer.step})")
+        trainer.train()
+    except (ConfigError, DataError, RewardError, OSError) as err:
+        print(f"tether rm: error: {err}", file=sys.stderr)
+        return 2
+    print(f"reward model saved to {os.path.join(config.output_dir, 'final')}")
+    if trainer.report_path is not None:
+        print(f"report:               {trainer.report_path}")
+    return 0

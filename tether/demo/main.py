@@ -5,6 +5,7 @@ the per-token KL penalty keeps it close to the frozen reference model. Modes:
 
   tether demo                 the run (about 7 min on two idle CPU cores): progress bar, one line per step,
                               samples before and after, the trained model in final/, an HTML report
+  tether demo --algo grpo     the same task with GRPO (or rloo): G continuations per prompt, no value model
   tether demo --no-kl         the same run with the KL coefficient at 0
   tether demo --compare       both runs, their curves overlaid (report + PNG) and samples side by side
   tether demo --reward-model  preferences from VADER -> a MiniLM reward model -> PPO against it (proxy vs gold)
@@ -86,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="learn a reward model from VADER preferences, then PPO on it",
     )
+    parser.add_argument(
+        "--algo",
+        choices=("ppo", "grpo", "rloo"),
+        default="ppo",
+        help="the algorithm of the sentiment run (default ppo; grpo and rloo sample 4 continuations of 4 prompts)",
+    )
     parser.add_argument("--no-kl", action="store_true", help="train with the KL coefficient at 0")
     parser.add_argument(
         "--output-dir", "--output_dir", default=DEFAULT_OUTPUT_DIR, help="parent of the run directories"
@@ -123,6 +130,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     chosen = {"quick": args.quick, "compare": args.compare, "reward-model": args.reward_model}
     args.mode = next((mode for mode, on in chosen.items() if on), "sentiment")
+    if args.algo != "ppo" and args.mode != "sentiment":
+        parser.error(f"--algo {args.algo} runs the sentiment task; --{args.mode} uses PPO")
     if args.steps is None:
         args.steps = DEFAULT_STEPS[args.mode]
     return args
@@ -167,13 +176,16 @@ def _run(args: argparse.Namespace) -> None:
         seed=args.seed,
         kl_coef=kl_coef(args),
         learning_rate=args.learning_rate,
+        algo=args.algo,
     )
     reward = (
         "a reward model learned from VADER preferences" if args.mode == "reward-model" else "VADER sentiment"
     )
     kl_coefs = f"{settings.kl_coef:g} vs 0" if args.mode == "compare" else f"{settings.kl_coef:g}"
+    G = settings.num_generations
+    batch = settings.rollout_batch_size if settings.algo == "ppo" else f"{settings.rollout_batch_size // G} x {G}"
     print(
-        f"tether demo: SmolLM2-135M-Instruct + LoRA, PPO on {settings.steps} x {settings.rollout_batch_size} movie "
+        f"tether demo: SmolLM2-135M-Instruct + LoRA, {settings.algo.upper()} on {settings.steps} x {batch} movie "
         f"prompts, reward = {reward}, kl_coef {kl_coefs}, {torch.get_num_threads()} CPU thread(s)\n"
         f"continuations are cut at {settings.max_new_tokens} tokens as in TRL's sentiment example, so expect the "
         "health note 'length_at_max'"
@@ -186,7 +198,8 @@ def _run(args: argparse.Namespace) -> None:
         result = run_reward_model(out / "reward-model", settings)
         print(f"\n{_where(result.ppo.run_dir)}\nreward model:  {out / 'reward-model' / 'rm' / 'final'}")
     else:
-        run = sr.run_sentiment(out / ("sentiment-no-kl" if args.no_kl else "sentiment"), settings)
+        name = "sentiment" if args.algo == "ppo" else f"sentiment-{args.algo}"
+        run = sr.run_sentiment(out / (f"{name}-no-kl" if args.no_kl else name), settings)
         print(f"\n{sr.summary_line(run)}\n{_where(run.run_dir)}")
 
 

@@ -39,6 +39,7 @@ from tether.models import ValueModel
 from tether.rollout import build_rollout
 from tether.run import RUN_DIR_OUTPUTS
 from tether.sampling import SamplingConfig
+from tether.trainers.grpo import GRPOConfig, GRPOTrainer
 from tether.trainers.ppo import PPOConfig, PPOTrainer
 
 #: Prompts whose samples are printed before and after training (fixed, so the two can be compared).
@@ -87,6 +88,12 @@ class SentimentDemoSettings:
     """Transformer blocks of the base model copied into the value network."""
     lr_scheduler: Literal["constant", "linear"] = "constant"
     """"linear" decays the rate to 0 over the run; a run this short learns more at a constant rate."""
+    algo: Literal["ppo", "grpo", "rloo"] = "ppo"
+    """The algorithm: PPO (value model, GAE, k1 KL in the reward), GRPO (group baseline, k3 KL as a loss term)
+    or RLOO (leave-one-out baseline, k1 KL in the reward). The group methods sample ``num_generations``
+    continuations of rollout_batch_size / num_generations prompts, so every step trains on as many sequences."""
+    num_generations: int = 4
+    """Continuations per prompt for grpo and rloo (G)."""
 
 
 def ppo_config(
@@ -112,6 +119,47 @@ def ppo_config(
         reward_weights=reward_weights,
         sampling=SamplingConfig(max_new_tokens=s.max_new_tokens),
         kl=KLConfig(coef=s.kl_coef),
+        logging=LoggingConfig(
+            report_to=["jsonl", "console"], logging_steps=1, sample_steps=10, num_sample_rows=4, save_steps=0
+        ),
+    )
+
+
+def grpo_config(
+    settings: SentimentDemoSettings, output_dir: str | Path, reward_weights: list[float] | None = None
+) -> GRPOConfig:
+    """The GRPO / RLOO config of one demo run: the PPO run's budget in sequences, optimiser and sampling.
+
+    Each step samples ``num_generations`` continuations of ``rollout_batch_size / num_generations`` prompts (16
+    sequences, as PPO's 16 prompts), and makes ``ppo_epochs`` passes over them. GRPO puts the k3 KL estimate in
+    the loss (as DeepSeekMath); RLOO puts k1 in the reward (as TRL's RLOO); both with the PPO run's coefficient.
+    """
+    s = settings
+    G = s.num_generations
+    if s.rollout_batch_size % G:
+        raise ValueError(f"rollout_batch_size ({s.rollout_batch_size}) must be a multiple of num_generations ({G})")
+    prompts = s.rollout_batch_size // G
+    kl = (
+        KLConfig(coef=s.kl_coef, estimator="k3", placement="loss")
+        if s.algo == "grpo"
+        else KLConfig(coef=s.kl_coef, estimator="k1", placement="reward")
+    )
+    return GRPOConfig(
+        output_dir=str(output_dir),
+        seed=s.seed,
+        learning_rate=s.learning_rate,
+        lr_scheduler=s.lr_scheduler,
+        total_episodes=prompts * s.steps,
+        rollout_batch_size=prompts,
+        num_generations=G,
+        advantage="rloo" if s.algo == "rloo" else "grpo",
+        mini_batch_size=s.mini_batch_size,
+        micro_batch_size=s.mini_batch_size,
+        num_iterations=s.ppo_epochs,
+        device="cpu",
+        reward_weights=reward_weights,
+        sampling=SamplingConfig(max_new_tokens=s.max_new_tokens),
+        kl=kl,
         logging=LoggingConfig(
             report_to=["jsonl", "console"], logging_steps=1, sample_steps=10, num_sample_rows=4, save_steps=0
         ),
@@ -296,7 +344,7 @@ def run_sentiment(
     cache_dir: str | Path | None = None,
     title: str | None = None,
 ) -> DemoRun:
-    """Train SmolLM2 with PPO + KL on the movie prompts; print samples before and after; write a report.
+    """Train SmolLM2 with ``settings.algo`` + KL on the movie prompts; print samples before and after; write a report.
 
     Args:
         run_dir: the run directory (``metrics.jsonl``, ``samples.jsonl``, ``config.yaml``, ``final/``,
@@ -312,14 +360,25 @@ def run_sentiment(
     run_dir = Path(run_dir)
     fresh_run_dir(run_dir)
     policy, tokenizer, value_model = load_demo_models(settings, cache_dir)
-    trainer = PPOTrainer(
-        ppo_config(settings, run_dir, reward_weights),
-        policy=policy,
-        tokenizer=tokenizer,
-        reward=reward if reward is not None else sentiment_reward,
-        prompts=train_prompts(),
-        value_model=value_model,
-    )
+    reward = reward if reward is not None else sentiment_reward
+    trainer: PPOTrainer | GRPOTrainer
+    if settings.algo == "ppo":
+        trainer = PPOTrainer(
+            ppo_config(settings, run_dir, reward_weights),
+            policy=policy,
+            tokenizer=tokenizer,
+            reward=reward,
+            prompts=train_prompts(),
+            value_model=value_model,
+        )
+    else:  # the group methods need no value model
+        trainer = GRPOTrainer(
+            grpo_config(settings, run_dir, reward_weights),
+            policy=policy,
+            tokenizer=tokenizer,
+            reward=reward,
+            prompts=train_prompts(),
+        )
     shown = eval_prompts()
     print(f"sampling {len(shown)} fixed prompts before training (to compare with the same prompts after it)")
     before = sample_with_scores(trainer, shown)
@@ -329,7 +388,7 @@ def run_sentiment(
     after = sample_with_scores(trainer, shown)
     print()
     print("\n".join(format_before_after(before, after)))
-    plot_curves({f"kl_coef {settings.kl_coef:g}": history}, run_dir / CURVES_FILE)
+    plot_curves({f"{settings.algo}, kl_coef {settings.kl_coef:g}": history}, run_dir / CURVES_FILE)
     return DemoRun(run_dir, history, before, after, time.perf_counter() - start)
 
 

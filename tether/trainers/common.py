@@ -17,13 +17,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.config import RLConfig
 from tether.data import PromptData, check_prompt_lengths, load_prompts, render_prompts
+from tether.health import HealthWarning
 from tether.kl import KLTerms, kl_k1, kl_needs_logits, kl_needs_loss_term, token_kl
 from tether.logprobs import PolicyForward, response_logits
 from tether.losses import aggregate, loss_normalizer
 from tether.models import load_causal_lm, load_tokenizer, pick_device
 from tether.ops import masked_mean
 from tether.rewards import Reward, RunningNorm, build_reward
-from tether.run import linear_schedule
+from tether.run import LoopState, RunOutputs, linear_schedule, report_health
 from tether.sampling import biased_sampling_warning, check_sampling_config
 from tether.types import Rollout
 
@@ -82,7 +83,9 @@ def make_optimizer(
         eps=config.adam_eps,
         weight_decay=config.weight_decay,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_updates, config.lr_scheduler))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, linear_schedule(total_updates, config.lr_scheduler)
+    )
     return optimizer, scheduler
 
 
@@ -110,10 +113,16 @@ def kl_loss_term(
     ref_logits = None
     if kl_needs_logits(kl_cfg.estimator):  # the exact KL needs the reference's whole distribution again
         with torch.no_grad():
-            ref_logits = response_logits(ref_policy, batch.input_ids, batch.attention_mask, batch.prompt_length)
-    terms = KLTerms(fwd.model_logprobs, batch.ref_logprobs, fwd.logits, ref_logits, config.sampling.temperature)
+            ref_logits = response_logits(
+                ref_policy, batch.input_ids, batch.attention_mask, batch.prompt_length
+            )
+    terms = KLTerms(
+        fwd.model_logprobs, batch.ref_logprobs, fwd.logits, ref_logits, config.sampling.temperature
+    )
     kl = token_kl(kl_cfg.estimator, terms)
-    return aggregate(kl, batch.response_mask, config.loss_aggregation, normalizer, config.aggregation_constant)
+    return aggregate(
+        kl, batch.response_mask, config.loss_aggregation, normalizer, config.aggregation_constant
+    )
 
 
 MicroBatchLoss = Callable[[torch.Tensor, float], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -146,10 +155,14 @@ def run_updates(
         order = torch.randperm(B, generator=generator).to(device)
         for start in range(0, B, config.mini_batch_size):
             mb = order[start : start + config.mini_batch_size]
-            normalizer = loss_normalizer(response_mask[mb], config.loss_aggregation, config.aggregation_constant)
+            normalizer = loss_normalizer(
+                response_mask[mb], config.loss_aggregation, config.aggregation_constant
+            )
             optimizer.zero_grad(set_to_none=True)
             for micro_start in range(0, len(mb), config.micro_batch_size):
-                loss, stats = micro_batch_loss(mb[micro_start : micro_start + config.micro_batch_size], normalizer)
+                loss, stats = micro_batch_loss(
+                    mb[micro_start : micro_start + config.micro_batch_size], normalizer
+                )
                 loss.backward()
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
@@ -163,7 +176,11 @@ def run_updates(
 
 
 def rollout_metrics(
-    ro: Rollout, scores: torch.Tensor, components: dict[str, torch.Tensor], kl_coef: float, show_components: bool
+    ro: Rollout,
+    scores: torch.Tensor,
+    components: dict[str, torch.Tensor],
+    kl_coef: float,
+    show_components: bool,
 ) -> dict[str, float]:
     """The metrics every RL trainer logs about a rollout (TRL's names where TRL has one)."""
     mask = ro.response_mask
@@ -209,3 +226,58 @@ def sample_rows(
         }
         for i in range(n)
     ]
+
+
+class SampleBatch(NamedTuple):
+    """A step's [B] prompts, responses, scores and summed KLs (None without a reference), for sample tables."""
+
+    prompts: list[str]
+    responses: list[str]
+    scores: torch.Tensor
+    seq_kl: torch.Tensor | None
+
+
+class StepTimes(NamedTuple):
+    """``time.perf_counter()`` at the start of a step, after generation, after advantages and after the update."""
+
+    start: float
+    generated: float
+    prepared: float
+    updated: float
+
+
+def record_step(
+    config: RLConfig,
+    out: RunOutputs,
+    state: LoopState,
+    metrics: dict[str, float],
+    times: StepTimes,
+    n_generated_tokens: float,
+    samples: SampleBatch,
+    checkpoint: Callable[[], Any],
+    progress_keys: tuple[str, ...],
+) -> tuple[dict[str, float], list[HealthWarning]]:
+    """The end of a step, the same for every RL trainer: add the learning rate and timings to ``metrics``, log
+    them, check health, write the sample table and the checkpoint when due, move the progress bar.
+
+    Returns the history row and the health warnings that fired.
+    """
+    metrics.update(
+        {
+            "lr": state.scheduler.get_last_lr()[0],
+            "time/rollout_s": times.prepared - times.start,
+            "time/update_s": times.updated - times.prepared,
+            "perf/episodes_per_s": config.rollout_batch_size / (times.updated - times.start),
+            "perf/gen_tokens_per_s": n_generated_tokens / max(times.generated - times.start, 1e-9),
+        }
+    )
+    record = {"episode": state.episode, **metrics}
+    out.logger.log_metrics(record, state.step)
+    warnings = report_health(out, metrics, state.step)
+    log = config.logging
+    if log.sample_steps > 0 and (state.step % log.sample_steps == 0 or state.step == 1):
+        out.logger.log_samples(sample_rows(*samples, log.num_sample_rows), state.step)
+    out.progress.update(config.rollout_batch_size, {k: metrics[k] for k in progress_keys if k in metrics})
+    if log.save_steps > 0 and state.step % log.save_steps == 0:
+        checkpoint()
+    return {"step": state.step, **record}, warnings

@@ -49,18 +49,19 @@ from tether.run import (
     input_specs,
     load_run_checkpoint,
     open_run,
-    report_health,
     save_run_checkpoint,
     write_report,
 )
 from tether.sampling import missing_eos_penalty
 from tether.trainers.common import (
+    SampleBatch,
+    StepTimes,
     kl_loss_term,
     load_rl_inputs,
     make_optimizer,
+    record_step,
     rollout_metrics,
     run_updates,
-    sample_rows,
     shape_scores,
 )
 from tether.types import Rollout
@@ -115,10 +116,14 @@ class GRPOConfig(RLConfig):
         if self.policy_loss == "dual-clip" and self.dual_clip <= 1.0:
             raise ConfigError(f"dual_clip must be > 1, got {self.dual_clip}")
         if self.advantage == "reinforce++" and self.sequences_per_step < 2:
-            raise ConfigError("advantage reinforce++ whitens over the batch: it needs at least two sequences per step")
+            raise ConfigError(
+                "advantage reinforce++ whitens over the batch: it needs at least two sequences per step"
+            )
         super().__post_init__()
 
 
+#: What the progress bar shows.
+GROUP_PROGRESS_KEYS = ("objective/scores", "objective/kl", "rollout/frac_reward_zero_std")
 #: Statistics of ``micro_batch_loss`` that are sums over tokens (divided by the tokens seen).
 PER_TOKEN_STATS = frozenset(
     {"policy/approx_kl", "policy/clipfrac", "policy/clipfrac_low", "policy/clipfrac_high"}
@@ -225,7 +230,12 @@ class GRPOTrainer:
         cfg = self.config
         mask = batch.response_mask
         fwd = policy_logprobs(
-            self.policy, batch.input_ids, batch.attention_mask, batch.prompt_length, cfg.sampling, self.eos_token_ids
+            self.policy,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.prompt_length,
+            cfg.sampling,
+            self.eos_token_ids,
         )
         pg = policy_loss(cfg.policy_loss, fwd.logprobs, batch.logprobs, advantages, mask, self.loss_settings)
         loss = aggregate(pg.loss, mask, cfg.loss_aggregation, normalizer, cfg.aggregation_constant)
@@ -251,8 +261,15 @@ class GRPOTrainer:
 
         s = self.state
         return run_updates(
-            self.config, rollout.response_mask, self.config.num_iterations, loss_of, self.policy.parameters,
-            s.optimizer, s.scheduler, s.update_generator, PER_TOKEN_STATS,
+            self.config,
+            rollout.response_mask,
+            self.config.num_iterations,
+            loss_of,
+            self.policy.parameters,
+            s.optimizer,
+            s.scheduler,
+            s.update_generator,
+            PER_TOKEN_STATS,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -264,8 +281,13 @@ class GRPOTrainer:
         if self._resumed_from is None:
             claim_run_dir(self.run_dir, cfg.overwrite_output_dir)
         out = open_run(
-            cfg, self.run_dir, self.inputs, name="grpo", total_episodes=cfg.num_steps * cfg.rollout_batch_size,
-            episode=state.episode, resumed_step=state.step if self._resumed_from is not None else None,
+            cfg,
+            self.run_dir,
+            self.inputs,
+            name="grpo",
+            total_episodes=cfg.num_steps * cfg.rollout_batch_size,
+            episode=state.episode,
+            resumed_step=state.step if self._resumed_from is not None else None,
             max_new_tokens=cfg.sampling.max_new_tokens,
         )
         self.health_warnings: list[HealthWarning] = []
@@ -283,7 +305,9 @@ class GRPOTrainer:
 
                 # 2. score
                 reward_out = self.reward(prompts, completions, columns)
-                raw_scores = missing_eos_penalty(reward_out.scores.to(self.device), ro.has_eos, cfg.missing_eos_penalty)
+                raw_scores = missing_eos_penalty(
+                    reward_out.scores.to(self.device), ro.has_eos, cfg.missing_eos_penalty
+                )
                 scores = shape_scores(raw_scores, self.score_norm, cfg.reward_clip)
 
                 # 3. per-token rewards: the score, and -kl_coef * KL per token when the KL is placed in the reward
@@ -315,26 +339,20 @@ class GRPOTrainer:
                 if scores is not raw_scores:
                     metrics["objective/raw_scores"] = float(raw_scores.mean())
                 metrics.update(update_stats)
-                metrics.update(
-                    {
-                        "lr": state.scheduler.get_last_lr()[0],
-                        "time/rollout_s": t_rollout - t0,
-                        "time/update_s": t_update - t_rollout,
-                        "perf/episodes_per_s": cfg.rollout_batch_size / (t_update - t0),
-                        "perf/gen_tokens_per_s": float(mask.sum()) / max(t_gen - t0, 1e-9),
-                    }
+                times = StepTimes(t0, t_gen, t_rollout, t_update)
+                row, warnings = record_step(
+                    cfg,
+                    out,
+                    state,
+                    metrics,
+                    times,
+                    float(mask.sum()),
+                    SampleBatch(prompts, completions, scores, seq_kl),
+                    self._checkpoint,
+                    GROUP_PROGRESS_KEYS,
                 )
-                record = {"episode": state.episode, **metrics}
-                out.logger.log_metrics(record, state.step)
-                history.append({"step": state.step, **record})
-                self.health_warnings += report_health(out, metrics, state.step)
-                if cfg.logging.sample_steps > 0 and (state.step % cfg.logging.sample_steps == 0 or state.step == 1):
-                    rows = sample_rows(prompts, completions, scores, seq_kl, cfg.logging.num_sample_rows)
-                    out.logger.log_samples(rows, state.step)
-                shown = ("objective/scores", "objective/kl", "rollout/frac_reward_zero_std")
-                out.progress.update(cfg.rollout_batch_size, {k: metrics[k] for k in shown if k in metrics})
-                if cfg.logging.save_steps > 0 and state.step % cfg.logging.save_steps == 0:
-                    self._checkpoint()
+                history.append(row)
+                self.health_warnings += warnings
             finish_run(self.policy, self.tokenizer, self.run_dir)
         finally:
             out.progress.close()
@@ -343,7 +361,9 @@ class GRPOTrainer:
         return history
 
 
-def group_metrics(scores: torch.Tensor, response_mask: torch.Tensor, has_eos: torch.Tensor, G: int) -> dict[str, float]:
+def group_metrics(
+    scores: torch.Tensor, response_mask: torch.Tensor, has_eos: torch.Tensor, G: int
+) -> dict[str, float]:
     """Group and length metrics of a step: [B * G] scores, [B * G, T] mask, [B * G] has_eos.
 
     ``rollout/frac_reward_zero_std`` is the share of groups whose G scores are all equal: their advantages

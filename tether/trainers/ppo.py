@@ -45,18 +45,19 @@ from tether.run import (
     input_specs,
     load_run_checkpoint,
     open_run,
-    report_health,
     save_run_checkpoint,
     write_report,
 )
 from tether.sampling import missing_eos_penalty
 from tether.trainers.common import (
+    SampleBatch,
+    StepTimes,
     kl_loss_term,
     load_rl_inputs,
     make_optimizer,
+    record_step,
     rollout_metrics,
     run_updates,
-    sample_rows,
     shape_scores,
 )
 from tether.types import Rollout
@@ -194,7 +195,9 @@ class PPOTrainer:
     def resume(self, run_dir: str | Path | None = None) -> Path:
         """Restore everything from the newest checkpoint of ``run_dir`` (default: the config's output_dir)."""
         source = Path(run_dir) if run_dir is not None else self.run_dir
-        self._resumed_from = load_run_checkpoint(source, self.policy, self.state, {"value_model": self.value_model})
+        self._resumed_from = load_run_checkpoint(
+            source, self.policy, self.state, {"value_model": self.value_model}
+        )
         return self._resumed_from
 
     def _checkpoint(self) -> Path:
@@ -228,7 +231,9 @@ class PPOTrainer:
         cfg = self.config
         P, mask = batch.prompt_length, batch.response_mask
         assert batch.values is not None  # PPO's rollouts always carry values
-        fwd = policy_logprobs(self.policy, batch.input_ids, batch.attention_mask, P, cfg.sampling, self.eos_token_ids)
+        fwd = policy_logprobs(
+            self.policy, batch.input_ids, batch.attention_mask, P, cfg.sampling, self.eos_token_ids
+        )
         new_values = align_with_response(self.value_model(batch.input_ids, batch.attention_mask), P)
         pg = ppo_clip_loss(fwd.logprobs, batch.logprobs, advantages, mask, cfg.cliprange, cfg.cliprange_high)
         vf = value_loss(new_values, batch.values, returns, mask, cfg.cliprange_value)
@@ -261,8 +266,15 @@ class PPOTrainer:
 
         s = self.state
         return run_updates(
-            self.config, rollout.response_mask, self.config.ppo_epochs, loss_of, self.model.parameters,
-            s.optimizer, s.scheduler, s.update_generator, PER_TOKEN_STATS,
+            self.config,
+            rollout.response_mask,
+            self.config.ppo_epochs,
+            loss_of,
+            self.model.parameters,
+            s.optimizer,
+            s.scheduler,
+            s.update_generator,
+            PER_TOKEN_STATS,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -273,8 +285,13 @@ class PPOTrainer:
         if self._resumed_from is None:
             claim_run_dir(self.run_dir, cfg.overwrite_output_dir)
         out = open_run(
-            cfg, self.run_dir, self.inputs, name="ppo", total_episodes=cfg.num_steps * cfg.rollout_batch_size,
-            episode=state.episode, resumed_step=state.step if self._resumed_from is not None else None,
+            cfg,
+            self.run_dir,
+            self.inputs,
+            name="ppo",
+            total_episodes=cfg.num_steps * cfg.rollout_batch_size,
+            episode=state.episode,
+            resumed_step=state.step if self._resumed_from is not None else None,
             max_new_tokens=cfg.sampling.max_new_tokens,
         )
         self.health_warnings: list[HealthWarning] = []
@@ -291,7 +308,9 @@ class PPOTrainer:
 
                 # 2. score
                 reward_out = self.reward(prompts, responses, columns)
-                raw_scores = missing_eos_penalty(reward_out.scores.to(self.device), ro.has_eos, cfg.missing_eos_penalty)
+                raw_scores = missing_eos_penalty(
+                    reward_out.scores.to(self.device), ro.has_eos, cfg.missing_eos_penalty
+                )
                 scores = shape_scores(raw_scores, self.score_norm, cfg.reward_clip)
 
                 # 3. KL-shaped per-token rewards
@@ -324,28 +343,20 @@ class PPOTrainer:
                 if scores is not raw_scores:
                     metrics["objective/raw_scores"] = float(raw_scores.mean())
                 metrics.update(update_stats)
-                metrics.update(
-                    {
-                        "lr": state.scheduler.get_last_lr()[0],
-                        "time/rollout_s": t_rollout - t0,
-                        "time/update_s": t_update - t_rollout,
-                        "perf/episodes_per_s": cfg.rollout_batch_size / (t_update - t0),
-                        "perf/gen_tokens_per_s": float(mask.sum()) / max(t_gen - t0, 1e-9),
-                    }
+                times = StepTimes(t0, t_gen, t_rollout, t_update)
+                row, warnings = record_step(
+                    cfg,
+                    out,
+                    state,
+                    metrics,
+                    times,
+                    float(mask.sum()),
+                    SampleBatch(prompts, responses, scores, seq_kl),
+                    self._checkpoint,
+                    ("objective/scores", "objective/kl", "kl/coef"),
                 )
-                record = {"episode": state.episode, **metrics}
-                out.logger.log_metrics(record, state.step)
-                history.append({"step": state.step, **record})
-                self.health_warnings += report_health(out, metrics, state.step)
-                if cfg.logging.sample_steps > 0 and (state.step % cfg.logging.sample_steps == 0 or state.step == 1):
-                    rows = sample_rows(prompts, responses, scores, seq_kl, cfg.logging.num_sample_rows)
-                    out.logger.log_samples(rows, state.step)
-                out.progress.update(
-                    cfg.rollout_batch_size,
-                    {k: metrics[k] for k in ("objective/scores", "objective/kl", "kl/coef")},
-                )
-                if cfg.logging.save_steps > 0 and state.step % cfg.logging.save_steps == 0:
-                    self._checkpoint()
+                history.append(row)
+                self.health_warnings += warnings
             finish_run(self.policy, self.tokenizer, self.run_dir)
         finally:
             out.progress.close()

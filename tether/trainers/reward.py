@@ -5,6 +5,11 @@ loss scaled by the micro-batch's share of the batch -> clip, step -> log / evalu
 read at the last valid token by :func:`tether.rewards.model.sequence_scores`, the same function that scores
 rollouts, so training and use cannot disagree on where a text's reward lives.
 
+The run directory is the RL trainers' (:mod:`tether.run`): a fresh run refuses a directory holding another,
+``metrics.jsonl`` gets every optimiser step, ``checkpoints/step-N`` holds the model (``policy/``, loadable with
+``from_pretrained``) and the trainer state, and ``RewardTrainer.resume`` / ``tether rm --resume RUN_DIR``
+continue from the newest checkpoint exactly as if the run had not stopped.
+
 Batch vocabulary (TRL names in brackets): ``batch_size`` pairs per optimiser step
 [per_device_train_batch_size * gradient_accumulation_steps], ``micro_batch_size`` pairs per forward/backward
 [per_device_train_batch_size]; ``gradient_accumulation_steps`` is derived.
@@ -13,23 +18,26 @@ Batch vocabulary (TRL names in brackets): ``batch_size`` pairs per optimiser ste
 from __future__ import annotations
 
 import math
-import os
-import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
+import yaml
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tether.checkpoint import save_pretrained_atomic
-from tether.config import ConfigError, config_help, load_config, save_yaml, to_dict
+from tether.checkpoint import (
+    latest_checkpoint,
+    load_policy_weights,
+    load_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from tether.config import ConfigError, save_yaml, to_dict
 from tether.data import DataError
 from tether.logging import ConsoleLogger, MultiLogger, build_loggers
 from tether.models import disable_dropout, pick_device
-from tether.report import build_report
-from tether.rewards.base import RewardError
 from tether.rewards.data import PreferenceData, load_preferences, load_samples, split_indices
 from tether.rewards.losses import bradley_terry_loss
 from tether.rewards.model import (
@@ -42,6 +50,14 @@ from tether.rewards.model import (
     token_limit,
 )
 from tether.rewards.normalize import normalize_reward_model
+from tether.run import (
+    INPUTS_FILE,
+    claim_run_dir,
+    finish_run,
+    input_specs,
+    linear_schedule,
+    write_report,
+)
 
 
 @dataclass
@@ -55,7 +71,10 @@ class RewardConfig:
     eval_data: str | None = None
     """Held-out preference file; when absent, eval_fraction of data is held out."""
     output_dir: str = "runs/reward"
-    """Run directory: metrics.jsonl, config.yaml, checkpoints/step-N, final/, report.html."""
+    """Run directory: config.yaml, inputs.yaml, metrics.jsonl, checkpoints/step-N, final/, report.html."""
+    overwrite_output_dir: bool = False
+    """Start afresh in an output_dir that already holds a run (its logs, checkpoints and final/ are removed).
+    Without it, such a directory is an error unless the run is resumed, so no earlier run is mixed or lost."""
     seed: int = 0
     """Seeds the new score head, the shuffling and the eval split."""
     device: str = "auto"
@@ -66,8 +85,8 @@ class RewardConfig:
     """AdamW weight decay."""
     lr_scheduler: Literal["constant", "linear"] = "linear"
     """linear decays the learning rate to 0 at the last step (TRL's default)."""
-    max_grad_norm: float = 1.0
-    """Gradient-norm clip per optimiser step (0 disables)."""
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping norm; None disables clipping."""
     num_epochs: int = 1
     """Passes over the training pairs."""
     batch_size: int = 16
@@ -83,11 +102,14 @@ class RewardConfig:
     disable_dropout: bool = True
     """Dropout off during training, as TRL's RewardTrainer does: a reward model is read with dropout off."""
     logging_steps: int = 10
-    """Write train/* metrics every N optimiser steps (and at the last step)."""
+    """Print the compact console line every N steps (metrics.jsonl gets every step); evaluations are printed
+    when they run, as the RL trainers' sample tables are."""
     eval_steps: int = 0
     """Evaluate every N optimiser steps; 0 evaluates at the end of every epoch."""
     save_steps: int = 0
-    """Write checkpoints/step-N every N optimiser steps (0: only final/)."""
+    """Write a checkpoint every N steps (0 disables intermediate checkpoints); --resume continues from one."""
+    save_total_limit: int = 2
+    """Keep at most this many checkpoints (the newest)."""
     report_to: list[str] = field(default_factory=lambda: ["jsonl", "console"])
     """Logging backends: jsonl (always on), console, tensorboard, wandb, none."""
     report: bool = True
@@ -98,7 +120,7 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         positive = ("learning_rate", "num_epochs", "batch_size", "micro_batch_size", "logging_steps")
-        for name in positive:
+        for name in (*positive, "save_total_limit"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.batch_size % self.micro_batch_size:
@@ -107,8 +129,13 @@ class RewardConfig:
             )
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.eval_steps < 0 or self.save_steps < 0 or self.max_grad_norm < 0:
-            raise ConfigError("eval_steps, save_steps and max_grad_norm must be >= 0")
+        if self.eval_steps < 0 or self.save_steps < 0:
+            raise ConfigError("eval_steps and save_steps must be >= 0")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(
+                f"max_grad_norm must be > 0, got {self.max_grad_norm}; use null (--max_grad_norm none) "
+                "to disable gradient clipping"
+            )
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -214,11 +241,56 @@ def accumulate_gradients(
     return StepStats(loss=loss_sum / len(rows), accuracy=correct_sum / len(rows))
 
 
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float | None) -> float:
+    """Clip the gradients' total L2 norm to ``max_norm`` (None: no clipping); returns the norm before clipping."""
+    params = [p for p in parameters if p.grad is not None]
+    if max_norm is None:
+        return torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+    return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+
+
+@dataclass
+class RewardLoopState:
+    """What ``tether rm`` checkpoints besides the model weights (and the RNG states), restored exactly on resume.
+
+    ``order`` is the current epoch's shuffled rows ([] until the epoch draws it from ``generator``) and
+    ``position`` how many of them have been trained on: a run resumed mid-epoch finishes that epoch's order,
+    then draws the next epoch's from the generator's saved state, as the uninterrupted run does.
+    """
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    step: int = 0
+    epoch: int = 0
+    order: list[int] = field(default_factory=list)
+    position: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "order": list(self.order),
+            "position": self.position,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.step, self.epoch, self.position = int(state["step"]), int(state["epoch"]), int(state["position"])
+        self.order = [int(i) for i in state["order"]]
+
+
 class RewardTrainer:
     """Train a one-output reward model on preference pairs (see the module docstring).
 
     ``model`` and ``train_data``/``eval_data`` default to ``config.model``/``config.data``/``config.eval_data``;
-    ``tokenizer`` defaults to the one saved with a model path (required with a model instance).
+    ``tokenizer`` defaults to the one saved with a model path (required with a model instance). Call
+    :meth:`resume` before :meth:`train` to continue a run from its newest checkpoint.
     """
 
     def __init__(
@@ -230,6 +302,7 @@ class RewardTrainer:
         eval_data: Any = None,
     ) -> None:
         self.config = cfg = config
+        self.run_dir = Path(cfg.output_dir)
         self.report_path: Path | None = None  # run_dir/report.html once train() has written it
         torch.manual_seed(cfg.seed)  # a causal LM gets a new, seeded score head
         source = model if model is not None else cfg.model
@@ -265,6 +338,20 @@ class RewardTrainer:
             self.train_pairs, self.eval_pairs = _select(all_train, train_rows), _select(all_train, eval_rows)
         else:
             self.train_pairs = all_train
+        # Inputs given as paths go to inputs.yaml (made absolute), so that `tether rm --resume DIR` finds them.
+        self.inputs = input_specs(
+            model=source, data=train_source, eval_data=eval_source, normalize_data=cfg.normalize_data
+        )
+        self.steps_per_epoch = math.ceil(len(self.train_pairs.chosen) / cfg.batch_size)
+        self.total_steps = cfg.num_epochs * self.steps_per_epoch
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, linear_schedule(self.total_steps, cfg.lr_scheduler)
+        )
+        self.state = RewardLoopState(optimizer, scheduler, torch.Generator().manual_seed(cfg.seed))
+        self._resumed_from: Path | None = None
 
     def _as_preferences(self, source: Any) -> PreferenceData:
         if isinstance(source, PreferenceData):
@@ -273,73 +360,88 @@ class RewardTrainer:
             return source
         return load_preferences(source, use_margin=self.config.use_margin)
 
-    def train(self) -> list[dict[str, float]]:
-        """Run the training loop; returns every logged metrics record (each with a ``"step"`` key)."""
-        cfg, model = self.config, self.model
-        run_dir = Path(cfg.output_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
-        loggers = _loggers(cfg, run_dir)
-        n_train = len(self.train_pairs.chosen)
-        steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-        total_steps = cfg.num_epochs * steps_per_epoch
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        linear = cfg.lr_scheduler == "linear"
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: 1.0 - s / total_steps if linear else 1.0
+    @property
+    def step(self) -> int:
+        """Optimiser steps taken (restored by :meth:`resume`)."""
+        return self.state.step
+
+    def resume(self, run_dir: str | Path | None = None) -> Path:
+        """Restore the model, optimiser, scheduler, shuffling and RNG states from the newest checkpoint of
+        ``run_dir`` (default: the config's output_dir); returns the checkpoint's path."""
+        ckpt = latest_checkpoint(Path(run_dir) if run_dir is not None else self.run_dir)
+        saved = load_state(ckpt)
+        load_policy_weights(self.model, ckpt)
+        self.state.load_state_dict(saved)
+        if self.state.order and len(self.state.order) != len(self.train_pairs.chosen):
+            raise ConfigError(
+                f"cannot resume from {ckpt}: it was trained on {len(self.state.order)} pairs per epoch, this "
+                f"run has {len(self.train_pairs.chosen)} (different data, eval_fraction or seed)"
+            )
+        set_rng_state(saved["rng"])  # last: loading the weights above draws from the global RNG
+        self._resumed_from = ckpt
+        return ckpt
+
+    def _checkpoint(self) -> Path:
+        cfg, state = self.config, self.state
+        return save_checkpoint(
+            self.run_dir, state.step, self.model, self.tokenizer, state.state_dict(), cfg.save_total_limit
         )
-        generator = torch.Generator().manual_seed(cfg.seed)
+
+    def train(self) -> list[dict[str, float]]:
+        """Run the training loop; returns the metrics records it logged (each with a ``"step"`` key).
+
+        A resumed run returns the records from the checkpoint on; ``metrics.jsonl`` holds the whole run.
+        """
+        cfg, model, state = self.config, self.model, self.state
+        resumed = self._resumed_from is not None
+        if not resumed:
+            claim_run_dir(self.run_dir, cfg.overwrite_output_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, self.run_dir / "config.yaml")
+        if self.inputs:
+            (self.run_dir / INPUTS_FILE).write_text(yaml.safe_dump(self.inputs, sort_keys=False))
+        loggers = _loggers(cfg, self.run_dir, start_step=state.step if resumed else None)
+        optimizer, scheduler = state.optimizer, state.scheduler
+        n_train = len(self.train_pairs.chosen)
         history: list[dict[str, float]] = []
-        window: list[tuple[float, float]] = []  # (loss, accuracy) per step since the last log
-        step = 0
         model.train()
         try:
-            for _epoch in range(cfg.num_epochs):
-                order = torch.randperm(n_train, generator=generator).tolist()
-                for start in range(0, n_train, cfg.batch_size):
-                    step += 1
+            while state.epoch < cfg.num_epochs:
+                if not state.order:  # a new epoch (a run resumed mid-epoch goes on with the order it saved)
+                    state.order = torch.randperm(n_train, generator=state.generator).tolist()
+                while state.position < n_train:
                     # 1. the pairs of this optimiser step
-                    batch = order[start : start + cfg.batch_size]
+                    batch = state.order[state.position : state.position + cfg.batch_size]
                     # 2. forward/backward in micro-batches (gradients accumulate in .grad)
                     stats = accumulate_gradients(
                         model, self.train_pairs, batch, cfg.micro_batch_size, self.pad_id
                     )
-                    # 3. update
-                    grad_norm = (
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
-                        if cfg.max_grad_norm > 0
-                        else float("nan")
-                    )
+                    # 3. clip, update
+                    grad_norm = clip_gradients(model.parameters(), cfg.max_grad_norm)
                     learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step used
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                    window.append((stats.loss, stats.accuracy))
-                    # 4. log / evaluate / checkpoint
-                    last = step == total_steps
-                    metrics: dict[str, float] = {}
-                    if step % cfg.logging_steps == 0 or last:
-                        metrics.update(
-                            {
-                                "train/loss": sum(w[0] for w in window) / len(window),
-                                "train/accuracy": sum(w[1] for w in window) / len(window),
-                                "train/grad_norm": grad_norm,
-                                "train/learning_rate": learning_rate,
-                                "train/epoch": step / steps_per_epoch,
-                            }
-                        )
-                        window.clear()
-                    end_of_epoch = start + cfg.batch_size >= n_train
-                    eval_due = step % cfg.eval_steps == 0 if cfg.eval_steps else end_of_epoch
-                    if self.eval_pairs is not None and (eval_due or last):
+                    state.step += 1
+                    state.position += len(batch)
+                    # 4. log every step (the console prints every logging_steps) / evaluate / checkpoint
+                    metrics: dict[str, float] = {
+                        "train/loss": stats.loss,
+                        "train/accuracy": stats.accuracy,
+                        "train/grad_norm": grad_norm,
+                        "train/learning_rate": learning_rate,
+                        "train/epoch": state.step / self.steps_per_epoch,
+                    }
+                    eval_due = (
+                        state.step % cfg.eval_steps == 0 if cfg.eval_steps else state.position >= n_train
+                    )
+                    if self.eval_pairs is not None and (eval_due or state.step == self.total_steps):
                         metrics.update(evaluate(model, self.eval_pairs, cfg.micro_batch_size, self.pad_id))
-                    if metrics:
-                        loggers.log_metrics(metrics, step)
-                        history.append({"step": step, **metrics})
-                    if cfg.save_steps and step % cfg.save_steps == 0:
-                        save_pretrained_atomic(
-                            model, self.tokenizer, run_dir / "checkpoints" / f"step-{step:06d}"
-                        )
+                    loggers.log_metrics(metrics, state.step)
+                    history.append({"step": state.step, **metrics})
+                    if cfg.save_steps and state.step % cfg.save_steps == 0:
+                        self._checkpoint()
+                state.epoch, state.order, state.position = state.epoch + 1, [], 0
             # 5. normalise on reference-policy samples (optional), then save final/
             if cfg.normalize_data is not None:
                 prompts, responses, _ = load_samples(cfg.normalize_data)
@@ -351,13 +453,12 @@ class RewardTrainer:
                     batch_size=cfg.micro_batch_size,
                     max_length=cfg.max_length,
                 )
-                loggers.log_metrics({"normalize/gain": gain, "normalize/bias": bias}, step)
-                history.append({"step": step, "normalize/gain": gain, "normalize/bias": bias})
-            save_pretrained_atomic(model, self.tokenizer, run_dir / "final")
+                loggers.log_metrics({"normalize/gain": gain, "normalize/bias": bias}, state.step)
+                history.append({"step": state.step, "normalize/gain": gain, "normalize/bias": bias})
+            finish_run(model, self.tokenizer, self.run_dir)
         finally:
             loggers.close()
-        if cfg.report:  # after close(): the report reads the flushed metrics.jsonl
-            self.report_path = build_report([run_dir])
+        self.report_path = write_report(self.run_dir, cfg.report)  # after close(): it reads metrics.jsonl
         return history
 
 
@@ -371,11 +472,32 @@ CONSOLE_KEYS = {
 }
 
 
-def _loggers(cfg: RewardConfig, run_dir: Path) -> MultiLogger:
+class RewardConsole:
+    """The console of ``tether rm``: the compact line every ``every`` steps (``logging_steps``, as in the RL
+    trainers) and at every evaluation, whose held-out numbers are what a reward-model run is read by (as the
+    RL trainers print their sample tables whenever they are written). Implements ``Logger``."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.line = ConsoleLogger(keys=CONSOLE_KEYS)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if step % self.every == 0 or any(key.startswith("eval/") for key in metrics):
+            self.line.log_metrics(metrics, step)
+
+    def log_samples(self, rows: Sequence[Mapping[str, Any]], step: int) -> None:
+        self.line.log_samples(rows, step)
+
+    def close(self) -> None:
+        self.line.close()
+
+
+def _loggers(cfg: RewardConfig, run_dir: Path, start_step: int | None) -> MultiLogger:
+    """The run's loggers; ``start_step`` (a resumed run's step) drops records logged after its checkpoint."""
     backends = [name for name in cfg.report_to if name != "console"]
-    loggers = build_loggers(backends, run_dir, to_dict(cfg))
+    loggers = build_loggers(backends, run_dir, to_dict(cfg), start_step=start_step)
     if "console" in cfg.report_to:
-        return MultiLogger([*loggers.loggers, ConsoleLogger(keys=CONSOLE_KEYS)])
+        return MultiLogger([*loggers.loggers, RewardConsole(cfg.logging_steps)])
     return loggers
 
 
@@ -385,31 +507,3 @@ def _select(pairs: EncodedPairs, rows: Sequence[int]) -> EncodedPairs:
         rejected=[pairs.rejected[i] for i in rows],
         margins=None if pairs.margins is None else [pairs.margins[i] for i in rows],
     )
-
-
-_USAGE = """usage: tether rm [--config FILE.yaml] --model PATH --data FILE [--eval-data FILE] [--output_dir DIR]
-                 [--FIELD VALUE ...]
-
-Train a reward model on preference pairs. Any RewardConfig field can be set with --FIELD VALUE:"""
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``tether rm``: train a reward model; returns the exit status (0 ok, 2 bad arguments or data)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "-h" in argv or "--help" in argv:
-        print(_USAGE)
-        print("\n".join(config_help(RewardConfig)))
-        return 0
-    try:
-        config, _ = load_config(RewardConfig, argv)
-        if config.model is None or config.data is None:
-            raise ConfigError("--model and --data are required (or set model/data in the --config file)")
-        trainer = RewardTrainer(config)
-        trainer.train()
-    except (ConfigError, DataError, RewardError, OSError) as err:
-        print(f"tether rm: error: {err}", file=sys.stderr)
-        return 2
-    print(f"reward model saved to {os.path.join(config.output_dir, 'final')}")
-    if trainer.report_path is not None:
-        print(f"report:               {trainer.report_path}")
-    return 0
