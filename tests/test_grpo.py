@@ -229,3 +229,17 @@ def test_cli_grpo_writes_the_run_layout_and_resumes(tmp_path, monkeypatch, capsy
     assert cli_main(["grpo", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--num_generations" in out and "--policy_loss" in out and "tiny" in out
+
+
+def test_every_grpo_preset_is_a_valid_config_of_its_variant():
+    from tether.config import load_config
+    from tether.presets import preset_names, preset_path
+
+    names = preset_names("grpo")
+    assert {"tiny", "dr-grpo", "dapo", "gspo", "rloo", "reinforce-pp"} <= set(names)
+    configs = {name: load_config(tether.GRPOConfig, [], base_file=preset_path(name, "grpo"))[0] for name in names}
+    assert (configs["dr-grpo"].scale_rewards, configs["dr-grpo"].loss_aggregation) == ("none", "token-sum-norm")
+    assert configs["dapo"].cliprange_high == 0.28 and configs["gspo"].policy_loss == "gspo"
+    assert configs["rloo"].advantage == "rloo" and configs["reinforce-pp"].kl.placement == "reward"
+    with pytest.raises(ConfigError, match="unknown grpo preset 'huge'"):
+        preset_path("huge", "grpo")
