@@ -414,3 +414,25 @@ def test_algo_option_only_for_the_sentiment_run() -> None:
     assert parse_args(["--algo", "grpo"]).algo == "grpo"
     with pytest.raises(SystemExit):
         parse_args(["--algo", "grpo", "--compare"])
+
+
+def test_grpo_demo_gets_its_own_kl_coefficient(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tether.demo import main as demo_main
+
+    class Stop(Exception):
+        pass
+
+    seen: list[sr.SentimentDemoSettings] = []
+
+    def record(run_dir: Path, settings: sr.SentimentDemoSettings) -> None:
+        seen.append(settings)
+        raise Stop  # the settings are all this test needs: no model is loaded
+
+    monkeypatch.setattr(sr, "check_assets", lambda reward_model=False: None)
+    monkeypatch.setattr(sr, "run_sentiment", record)
+    cases = [(["--algo", "grpo"], "grpo", 0.2), (["--algo", "rloo"], "rloo", 0.05), ([], "ppo", 0.05),
+             (["--algo", "grpo", "--kl-coef", "0.1"], "grpo", 0.1)]
+    for argv, algo, coef in cases:
+        with pytest.raises(Stop):
+            demo_main._run(demo_main.parse_args(argv))
+        assert (seen[-1].algo, seen[-1].kl_coef) == (algo, coef)

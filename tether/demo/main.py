@@ -109,7 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--learning-rate", "--learning_rate", type=float, default=None, help="override the learning rate"
     )
     parser.add_argument(
-        "--kl-coef", "--kl_coef", type=float, default=None, help="override the KL coefficient (default 0.05)"
+        "--kl-coef",
+        "--kl_coef",
+        type=float,
+        default=None,
+        help="override the KL coefficient (default 0.05; 0.2 with --algo grpo, whose KL is a loss term)",
     )
     return parser
 
@@ -171,7 +175,7 @@ def _run(args: argparse.Namespace) -> None:
 
     sr.check_assets(reward_model=args.mode == "reward-model")
     settings = sr.with_overrides(
-        sr.SentimentDemoSettings(),
+        sr.SentimentDemoSettings(kl_coef=sr.DEFAULT_KL_COEF[args.algo]),
         steps=args.steps,
         seed=args.seed,
         kl_coef=kl_coef(args),
