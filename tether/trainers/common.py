@@ -16,9 +16,9 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.config import RLConfig
-from tether.data import PromptData, check_prompt_lengths, load_prompts, render_prompts
+from tether.data import PromptData, PromptSampler, check_prompt_lengths, load_prompts, render_prompts
 from tether.health import HealthWarning
-from tether.kl import KLTerms, kl_k1, kl_needs_logits, kl_needs_loss_term, token_kl
+from tether.kl import KLTerms, kl_k1, kl_needs_logits, kl_needs_loss_term, make_kl_controller, token_kl
 from tether.logprobs import PolicyForward, response_logits
 from tether.losses import aggregate, loss_normalizer
 from tether.models import load_causal_lm, load_tokenizer, pick_device
@@ -87,6 +87,25 @@ def make_optimizer(
         optimizer, linear_schedule(total_updates, config.lr_scheduler)
     )
     return optimizer, scheduler
+
+
+def make_loop_state(
+    config: RLConfig,
+    params: Iterable[nn.Parameter],
+    total_updates: int,
+    n_prompts: int,
+    score_norm: RunningNorm | None,
+) -> LoopState:
+    """The training state of a new run: optimiser and schedule, KL controller, prompt sampler, update shuffling."""
+    optimizer, scheduler = make_optimizer(params, config, total_updates)
+    return LoopState(
+        optimizer=optimizer,
+        scheduler=scheduler,
+        kl_ctl=make_kl_controller(config.kl.coef, config.kl.target, config.kl.horizon),
+        sampler=PromptSampler(n_prompts, config.seed),
+        update_generator=torch.Generator().manual_seed(config.seed + 1),
+        score_norm=score_norm,
+    )
 
 
 def shape_scores(scores: torch.Tensor, score_norm: RunningNorm | None, clip: float | None) -> torch.Tensor:

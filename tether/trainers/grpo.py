@@ -35,15 +35,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.advantages import GROUP_ESTIMATORS, AdvantageInputs, AdvantageSettings, compute_advantages
 from tether.config import ConfigError, KLConfig, RLConfig
-from tether.data import PromptSampler
 from tether.health import HealthWarning
-from tether.kl import kl_shaped_rewards, make_kl_controller
+from tether.kl import kl_shaped_rewards
 from tether.logprobs import policy_logprobs
 from tether.losses import PolicyLossSettings, aggregate, approx_kl, policy_loss
 from tether.models import disable_dropout, frozen_copy
 from tether.rollout import HFGenerator, build_rollout
 from tether.run import (
-    LoopState,
     claim_run_dir,
     finish_run,
     input_specs,
@@ -58,7 +56,7 @@ from tether.trainers.common import (
     StepTimes,
     kl_loss_term,
     load_rl_inputs,
-    make_optimizer,
+    make_loop_state,
     record_step,
     rollout_metrics,
     run_updates,
@@ -175,14 +173,8 @@ class GRPOTrainer:
             self.ref_policy.eval().requires_grad_(False)
 
         total_updates = config.num_steps * config.num_iterations * config.num_mini_batches
-        optimizer, scheduler = make_optimizer(self.policy.parameters(), config, total_updates)
-        self.state = LoopState(
-            optimizer=optimizer,
-            scheduler=scheduler,
-            kl_ctl=make_kl_controller(config.kl.coef, config.kl.target, config.kl.horizon),
-            sampler=PromptSampler(len(self.data), config.seed),
-            update_generator=torch.Generator().manual_seed(config.seed + 1),
-            score_norm=self.score_norm,
+        self.state = make_loop_state(
+            config, self.policy.parameters(), total_updates, len(self.data), self.score_norm
         )
         self.loss_settings = PolicyLossSettings(config.cliprange, config.cliprange_high, config.dual_clip)
         self.advantage_settings = AdvantageSettings(gamma=config.gamma, scale_rewards=config.scale_rewards)

@@ -29,9 +29,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.advantages import gae, whiten_advantages
 from tether.config import ConfigError, RLConfig
-from tether.data import PromptSampler
 from tether.health import HealthWarning
-from tether.kl import kl_shaped_rewards, make_kl_controller
+from tether.kl import kl_shaped_rewards
 from tether.logprobs import align_with_response, policy_logprobs
 from tether.losses import aggregate, approx_kl, ppo_clip_loss, value_loss
 from tether.models import ValueModel, disable_dropout, frozen_copy, same_vocabulary
@@ -39,7 +38,6 @@ from tether.ops import masked_var, masked_whiten
 from tether.rewards.model import uses_last_token_pooling
 from tether.rollout import HFGenerator, build_rollout
 from tether.run import (
-    LoopState,
     claim_run_dir,
     finish_run,
     input_specs,
@@ -54,7 +52,7 @@ from tether.trainers.common import (
     StepTimes,
     kl_loss_term,
     load_rl_inputs,
-    make_optimizer,
+    make_loop_state,
     record_step,
     rollout_metrics,
     run_updates,
@@ -151,14 +149,8 @@ class PPOTrainer:
 
         self.model = PolicyAndValue(self.policy, self.value_model)
         total_updates = config.num_steps * config.ppo_epochs * config.num_mini_batches
-        optimizer, scheduler = make_optimizer(self.model.parameters(), config, total_updates)
-        self.state = LoopState(
-            optimizer=optimizer,
-            scheduler=scheduler,
-            kl_ctl=make_kl_controller(config.kl.coef, config.kl.target, config.kl.horizon),
-            sampler=PromptSampler(len(self.data), config.seed),
-            update_generator=torch.Generator().manual_seed(config.seed + 1),
-            score_norm=self.score_norm,
+        self.state = make_loop_state(
+            config, self.model.parameters(), total_updates, len(self.data), self.score_norm
         )
         self.run_dir = Path(config.output_dir)
         self._resumed_from: Path | None = None
