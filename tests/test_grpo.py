@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import textwrap
@@ -243,3 +244,38 @@ def test_every_grpo_preset_is_a_valid_config_of_its_variant():
     assert configs["rloo"].advantage == "rloo" and configs["reinforce-pp"].kl.placement == "reward"
     with pytest.raises(ConfigError, match="unknown grpo preset 'huge'"):
         preset_path("huge", "grpo")
+
+
+@pytest.mark.parametrize("trainer_cls", ["ppo", "grpo"])
+def test_a_policy_from_a_trained_adapter_is_tethered_to_that_adapter_not_the_base(tmp_path, trainer_cls):
+    """The reference is the policy as it starts: with a trained LoRA adapter loaded, the base model is not it."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    tok = make_toy_tokenizer()
+    base = make_toy_model(tok)
+    trained = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["c_attn"], lora_dropout=0.0))
+    with torch.no_grad():  # an adapter "from an earlier run": B != 0, so it changes the model's function
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    trained.save_pretrained(tmp_path / "adapter")
+    policy = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter", is_trainable=True)
+    logging = tether.LoggingConfig(report_to=["jsonl"], progress_bar=False, save_steps=0, report=False)
+    if trainer_cls == "grpo":
+        trainer = grpo_trainer(tmp_path / "run", steps=1, tok=tok, policy=policy, logging=logging)
+    else:
+        trainer = tether.PPOTrainer(
+            tether.PPOConfig(output_dir=str(tmp_path / "run"), total_episodes=8, rollout_batch_size=8,
+                             mini_batch_size=8, micro_batch_size=8, ppo_epochs=1, logging=logging,
+                             sampling=tether.SamplingConfig(max_new_tokens=6)),
+            policy=policy, tokenizer=tok, reward=CharFractionReward(), prompts=make_toy_prompts(16))
+    assert not isinstance(trainer.ref_policy, AdapterDisabledReference)
+    (row,) = trainer.train()
+    assert row["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at the first rollout
+    # Against the bare base model the same policy is far away: the tether would pull it back to the base.
+    ro = trainer.rollout(make_toy_prompts(8, seed=3))
+    with torch.no_grad(), policy.disable_adapter():
+        from tether.logprobs import sequence_logprobs
+
+        base_lp = sequence_logprobs(policy, ro.input_ids, ro.attention_mask, ro.prompt_length).logprobs
+    assert ((ro.model_logprobs - base_lp).abs() * ro.response_mask).sum() > 1.0

@@ -299,6 +299,17 @@ def test_console_script_is_installed():
     assert scripts.get("tether") == "tether.cli:main"
 
 
+def test_python_dash_m_tether_is_the_command_line():
+    """`python -m tether` runs the CLI, so `torchrun -m tether ppo` and `accelerate launch -m tether` start it."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "tether", "grpo", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "usage: tether grpo" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "tether", "nope"], capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown command" in done.stderr
+
+
 def test_value_model_starts_from_a_decoder_reward_model_with_the_policy_vocabulary(tmp_path):
     from transformers import GPT2ForSequenceClassification
 

@@ -104,11 +104,30 @@ class AdapterDisabledReference(nn.Module):
         return super().train(False)
 
 
+def lora_is_trained(peft_model: nn.Module) -> bool:
+    """Whether a peft model carries LoRA adapters that already change its function (some ``B`` matrix is non-zero).
+
+    A fresh LoRA adapter (``B = 0``) leaves the base model's function unchanged, so the base *is* the policy's
+    starting point; an adapter loaded from an earlier training run is not. Other adapter types are treated as
+    fresh (their initial state cannot be read off the weights).
+    """
+    return any(p.detach().any() for name, p in peft_model.named_parameters() if "lora_B" in name)
+
+
 def frozen_copy(model: PreTrainedModel) -> nn.Module:
-    """The reference model: a frozen, eval-mode deep copy, or the adapter-disabled base of a peft model."""
+    """The reference model: the policy as it starts, frozen and in eval mode.
+
+    For a peft model with fresh adapters, the same network with its adapters switched off (no second copy of
+    the weights). For one that starts from an already-trained adapter, the reference must be that adapter's
+    starting state, not the bare base model (TRL's PPO compared against the base): a frozen copy with the
+    adapter merged in.
+    """
     if is_peft_model(model):
-        return AdapterDisabledReference(model)
-    ref = copy.deepcopy(model)
+        if not lora_is_trained(model):
+            return AdapterDisabledReference(model)
+        ref = copy.deepcopy(model).merge_and_unload()
+    else:
+        ref = copy.deepcopy(model)
     ref.eval()
     ref.requires_grad_(False)
     return ref
