@@ -212,3 +212,62 @@ def build_rollout(
         gen_logprobs=gen_lp.clone() if gen_lp is not None else None,
         exact_kl=cat("exact_kl", masked=True),
     )
+
+
+def pad_rollout(ro: Rollout, prompt_length: int, response_length: int, pad_token_id: int) -> Rollout:
+    """``ro`` with its prompts left-padded to ``prompt_length`` and its responses right-padded to ``response_length``.
+
+    Padding is masked out (attention 0, response mask False, per-token values 0) and position ids are computed
+    from the attention mask, so the logprobs of the real tokens do not depend on it. Used to stack the rollouts of
+    several processes, whose longest prompt and response differ.
+    """
+    P, T = ro.prompt_length, ro.response_mask.shape[1]
+    left, right = prompt_length - P, response_length - T
+    if left < 0 or right < 0:
+        raise ValueError(f"cannot pad a rollout of P={P}, T={T} to P={prompt_length}, T={response_length}")
+    if left == 0 and right == 0:
+        return ro
+    B = ro.input_ids.shape[0]
+
+    def ids(fill: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.full((B, left), fill, dtype=dtype), torch.full((B, right), fill, dtype=dtype))
+
+    pl, pr = ids(pad_token_id, ro.input_ids.dtype)
+    input_ids = torch.cat([pl, ro.input_ids, pr], dim=1)
+    ml, mr = ids(0, ro.attention_mask.dtype)
+    attention_mask = torch.cat([ml, ro.attention_mask, mr], dim=1)
+
+    def per_token(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else torch.cat([x, torch.zeros(B, right, dtype=x.dtype)], dim=1)
+
+    return Rollout(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        response_mask=torch.cat([ro.response_mask, torch.zeros(B, right, dtype=torch.bool)], dim=1),
+        prompt_length=prompt_length,
+        logprobs=per_token(ro.logprobs),  # type: ignore[arg-type]
+        model_logprobs=per_token(ro.model_logprobs),  # type: ignore[arg-type]
+        entropy=per_token(ro.entropy),  # type: ignore[arg-type]
+        has_eos=ro.has_eos,
+        ref_logprobs=per_token(ro.ref_logprobs),
+        kl=per_token(ro.kl),
+        values=per_token(ro.values),
+        gen_logprobs=per_token(ro.gen_logprobs),
+        exact_kl=per_token(ro.exact_kl),
+    )
+
+
+def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """Stack rollouts (one per process, in rank order) into one, padding them to a common P and T."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(r.prompt_length for r in parts)
+    T = max(r.response_mask.shape[1] for r in parts)
+    padded = [pad_rollout(r, P, T, pad_token_id) for r in parts]
+    fields: dict[str, Any] = {"prompt_length": P}
+    for name in Rollout.__dataclass_fields__:
+        if name == "prompt_length":
+            continue
+        values = [getattr(r, name) for r in padded]
+        fields[name] = None if values[0] is None else torch.cat(values)
+    return Rollout(**fields)

@@ -105,21 +105,29 @@ def open_run(
     episode: int,
     resumed_step: int | None,
     max_new_tokens: int,
+    is_main: bool = True,
 ) -> RunOutputs:
     """Write ``config.yaml`` and ``inputs.yaml``, then build the loggers, progress bar and health monitor.
 
     ``config`` must have a ``logging`` block (:class:`tether.config.LoggingConfig`). ``resumed_step`` is the
-    step a resumed run starts from (loggers drop records past it), None for a fresh run.
+    step a resumed run starts from (loggers drop records past it), None for a fresh run. A process that is not
+    the main one writes nothing: its loggers are no-ops and it shows no progress bar.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(config, run_dir / "config.yaml")
-    if inputs:
-        (run_dir / INPUTS_FILE).write_text(yaml.safe_dump(inputs, sort_keys=False))
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(config, run_dir / "config.yaml")
+        if inputs:
+            (run_dir / INPUTS_FILE).write_text(yaml.safe_dump(inputs, sort_keys=False))
     log = config.logging
     logger = build_loggers(
-        log.report_to, run_dir, to_dict(config), console_every=log.logging_steps, start_step=resumed_step
+        log.report_to,
+        run_dir,
+        to_dict(config),
+        is_main_process=is_main,
+        console_every=log.logging_steps,
+        start_step=resumed_step,
     )
-    progress = Progress(total_episodes, name, log.progress_bar, initial=episode)
+    progress = Progress(total_episodes, name, log.progress_bar and is_main, initial=episode)
     return RunOutputs(logger, progress, HealthMonitor(max_new_tokens=max_new_tokens))
 
 

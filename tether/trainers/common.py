@@ -15,15 +15,17 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tether.config import RLConfig
+from tether.backend import Backend, SingleProcess, make_backend, rank_slice
+from tether.config import ConfigError, RLConfig
 from tether.data import PromptData, PromptSampler, check_prompt_lengths, load_prompts, render_prompts
 from tether.health import HealthWarning
 from tether.kl import KLTerms, kl_k1, kl_needs_logits, kl_needs_loss_term, make_kl_controller, token_kl
 from tether.logprobs import PolicyForward, response_logits
 from tether.losses import aggregate, loss_normalizer
-from tether.models import load_causal_lm, load_tokenizer, pick_device
+from tether.models import load_causal_lm, load_tokenizer
 from tether.ops import masked_mean
 from tether.rewards import Reward, RunningNorm, build_reward
+from tether.rollout import concat_rollouts
 from tether.run import LoopState, RunOutputs, linear_schedule, report_health
 from tether.sampling import biased_sampling_warning, check_sampling_config
 from tether.types import Rollout
@@ -32,6 +34,7 @@ from tether.types import Rollout
 class RLInputs(NamedTuple):
     """What every RL trainer loads before it builds its own models."""
 
+    backend: Backend
     device: torch.device
     policy: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -52,7 +55,9 @@ def load_rl_inputs(
     warning = biased_sampling_warning(config.sampling)
     if warning:
         print(warning, file=sys.stderr)
-    device = pick_device(config.device)
+    backend = make_backend()
+    check_world_size(config, backend.world_size)
+    device = backend.device(config.device)
     torch.manual_seed(config.seed)
     model = load_causal_lm(policy)
     tok = load_tokenizer(tokenizer, policy)
@@ -70,7 +75,55 @@ def load_rl_inputs(
         )
     )
     score_norm = RunningNorm(clip=None, shift_mean=True) if config.reward_norm else None
-    return RLInputs(device, model, tok, data, built, score_norm)
+    return RLInputs(backend, device, model, tok, data, built, score_norm)
+
+
+def check_world_size(config: RLConfig, world_size: int) -> None:
+    """Batch sizes are global (the whole job); each process takes an equal share of prompts and mini-batches."""
+    for name, value in (
+        ("rollout_batch_size", config.rollout_batch_size),
+        ("mini_batch_size", config.mini_batch_size),
+    ):
+        if value % world_size:
+            raise ConfigError(
+                f"{name} ({value}) must be divisible by the number of processes ({world_size}): batch sizes are "
+                "global, and every process takes an equal share (micro_batch_size is per process)"
+            )
+
+
+class StepBatch(NamedTuple):
+    """One step's rollout and scores over every process, in rank order (what the loss and the metrics use)."""
+
+    rollout: Rollout
+    raw_scores: torch.Tensor  # [B]
+    components: dict[str, torch.Tensor]  # name -> [B]
+    prompts: list[str]
+    responses: list[str]
+
+
+def gather_step(backend: Backend, batch: StepBatch, pad_token_id: int, device: torch.device) -> StepBatch:
+    """Every process's share of a step, stacked in rank order on every process (the identity in one process)."""
+    if backend.world_size == 1:
+        return batch
+    cpu = StepBatch(
+        Rollout(
+            **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in vars(batch.rollout).items()}
+        ),
+        batch.raw_scores.cpu(),
+        {k: v.cpu() for k, v in batch.components.items()},
+        batch.prompts,
+        batch.responses,
+    )
+    parts: list[StepBatch] = backend.gather_objects(cpu)
+    ro = concat_rollouts([part.rollout for part in parts], pad_token_id)
+    ro = Rollout(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(ro).items()})
+    return StepBatch(
+        ro,
+        torch.cat([part.raw_scores for part in parts]).to(device),
+        {k: torch.cat([part.components[k] for part in parts]) for k in batch.components},
+        [p for part in parts for p in part.prompts],
+        [r for part in parts for r in part.responses],
+    )
 
 
 def make_optimizer(
@@ -157,6 +210,7 @@ def run_updates(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     generator: torch.Generator,
     per_token: frozenset[str],
+    backend: Backend | None = None,
 ) -> dict[str, float]:
     """``epochs`` passes of shuffled mini-batch optimiser steps, each accumulating micro-batch gradients.
 
@@ -164,7 +218,11 @@ def run_updates(
     mini-batch's ``normalizer`` (so the accumulated gradient does not depend on the micro-batch size) and its
     statistics. Statistics named in ``per_token`` are token sums, divided by the tokens seen; the others are
     averaged over mini-batches.
+
+    With several processes every one holds the whole rollout and draws the same shuffles; each takes its share
+    of every mini-batch, the gradients are summed over the processes before the step, and so are the statistics.
     """
+    backend = backend or SingleProcess()
     B = response_mask.shape[0]
     device = response_mask.device
     totals: dict[str, float] = {}
@@ -178,19 +236,25 @@ def run_updates(
                 response_mask[mb], config.loss_aggregation, config.aggregation_constant
             )
             optimizer.zero_grad(set_to_none=True)
-            for micro_start in range(0, len(mb), config.micro_batch_size):
+            mine = mb[rank_slice(len(mb), backend.rank, backend.world_size, "mini_batch_size")]
+            for micro_start in range(0, len(mine), config.micro_batch_size):
                 loss, stats = micro_batch_loss(
-                    mb[micro_start : micro_start + config.micro_batch_size], normalizer
+                    mine[micro_start : micro_start + config.micro_batch_size], normalizer
                 )
                 loss.backward()
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
+            backend.all_reduce_grads([p for p in params() if p.requires_grad])
             if config.max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(list(params()), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             n_tokens += float(response_mask[mb].sum())
             n_minibatches += 1
+    if backend.world_size > 1:
+        keys = sorted(totals)
+        summed = backend.all_reduce_sum(torch.tensor([totals[k] for k in keys], dtype=torch.float64))
+        totals = dict(zip(keys, summed.tolist(), strict=True))
     return {k: v / max(n_tokens, 1.0) if k in per_token else v / n_minibatches for k, v in totals.items()}
 
 

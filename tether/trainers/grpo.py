@@ -34,6 +34,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.advantages import GROUP_ESTIMATORS, AdvantageInputs, AdvantageSettings, compute_advantages
+from tether.backend import rank_slice
 from tether.config import ConfigError, KLConfig, RLConfig
 from tether.health import HealthWarning
 from tether.kl import kl_shaped_rewards
@@ -53,7 +54,9 @@ from tether.run import (
 from tether.sampling import missing_eos_penalty
 from tether.trainers.common import (
     SampleBatch,
+    StepBatch,
     StepTimes,
+    gather_step,
     kl_loss_term,
     load_rl_inputs,
     make_loop_state,
@@ -155,7 +158,8 @@ class GRPOTrainer:
     ) -> None:
         self.config = config
         inputs = load_rl_inputs(config, policy, reward, prompts, tokenizer)
-        self.device, self.policy, self.tokenizer = inputs.device, inputs.policy, inputs.tokenizer
+        self.backend, self.device = inputs.backend, inputs.device
+        self.policy, self.tokenizer = inputs.policy, inputs.tokenizer
         self.data, self.reward, self.score_norm = inputs.data, inputs.reward, inputs.score_norm
         self.generator = HFGenerator(
             self.policy, self.tokenizer, config.sampling, add_special_tokens=not self.data.chat
@@ -193,9 +197,11 @@ class GRPOTrainer:
         self._resumed_from = load_run_checkpoint(source, self.policy, self.state, {})
         return self._resumed_from
 
-    def _checkpoint(self) -> Path:
-        keep = self.config.logging.save_total_limit
-        return save_run_checkpoint(self.run_dir, self.policy, self.tokenizer, self.state, {}, keep)
+    def _checkpoint(self) -> None:
+        if self.backend.is_main:
+            keep = self.config.logging.save_total_limit
+            save_run_checkpoint(self.run_dir, self.policy, self.tokenizer, self.state, {}, keep)
+        self.backend.barrier()
 
     # ------------------------------------------------------------------ 1. rollout
 
@@ -262,6 +268,7 @@ class GRPOTrainer:
             s.scheduler,
             s.update_generator,
             PER_TOKEN_STATS,
+            self.backend,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -270,8 +277,9 @@ class GRPOTrainer:
         """Run to ``total_episodes`` prompts; returns the per-step metrics (also in ``output_dir/metrics.jsonl``)."""
         cfg, state = self.config, self.state
         G = cfg.num_generations
-        if self._resumed_from is None:
+        if self._resumed_from is None and self.backend.is_main:
             claim_run_dir(self.run_dir, cfg.overwrite_output_dir)
+        self.backend.barrier()
         out = open_run(
             cfg,
             self.run_dir,
@@ -281,25 +289,34 @@ class GRPOTrainer:
             episode=state.episode,
             resumed_step=state.step if self._resumed_from is not None else None,
             max_new_tokens=cfg.sampling.max_new_tokens,
+            is_main=self.backend.is_main,
         )
         self.health_warnings: list[HealthWarning] = []
         history: list[dict[str, float]] = []
         try:
             while state.step < cfg.num_steps:
                 t0 = time.perf_counter()
-                # 1. rollout: each prompt G times in a row, so consecutive rows form a group
-                indices = [i for i in state.sampler.next_indices(cfg.rollout_batch_size) for _ in range(G)]
-                prompts, columns = self.data.select(indices)
+                # 1. rollout: the job's prompts for this step; this process samples its share, each prompt G times
+                # in a row, so consecutive rows form a group
+                indices = state.sampler.next_indices(cfg.rollout_batch_size)
+                share = rank_slice(
+                    len(indices), self.backend.rank, self.backend.world_size, "rollout_batch_size"
+                )
+                prompts, columns = self.data.select([i for i in indices[share] for _ in range(G)])
                 ro = self.rollout(prompts)
-                mask = ro.response_mask
                 completions = self.tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
                 t_gen = time.perf_counter()
 
-                # 2. score
+                # 2. score this process's rows, then stack every process's step (nothing to do in one process)
                 reward_out = self.reward(prompts, completions, columns)
                 raw_scores = missing_eos_penalty(
                     reward_out.scores.to(self.device), ro.has_eos, cfg.missing_eos_penalty
                 )
+                local = StepBatch(ro, raw_scores, reward_out.components, prompts, completions)
+                ro, raw_scores, components, prompts, completions = gather_step(
+                    self.backend, local, self.tokenizer.pad_token_id, self.device
+                )
+                mask = ro.response_mask
                 scores = shape_scores(raw_scores, self.score_norm, cfg.reward_clip)
 
                 # 3. per-token rewards: the score, and -kl_coef * KL per token when the KL is placed in the reward
@@ -325,7 +342,7 @@ class GRPOTrainer:
                 # 7. log
                 state.step += 1
                 state.episode += cfg.rollout_batch_size
-                metrics = rollout_metrics(ro, scores, reward_out.components, kl_coef, show_components=True)
+                metrics = rollout_metrics(ro, scores, components, kl_coef, show_components=True)
                 metrics.update(group_metrics(scores, mask, ro.has_eos, G))
                 metrics["objective/non_score_reward"] = float(non_score.sum(-1).mean())
                 if scores is not raw_scores:
@@ -345,11 +362,14 @@ class GRPOTrainer:
                 )
                 history.append(row)
                 self.health_warnings += warnings
-            finish_run(self.policy, self.tokenizer, self.run_dir)
+            if self.backend.is_main:
+                finish_run(self.policy, self.tokenizer, self.run_dir)
         finally:
             out.progress.close()
             out.logger.close()
-        self.report_path = write_report(self.run_dir, cfg.logging.report)
+        if self.backend.is_main:
+            self.report_path = write_report(self.run_dir, cfg.logging.report)
+        self.backend.barrier()
         return history
 
 

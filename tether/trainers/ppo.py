@@ -28,6 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.advantages import gae, whiten_advantages
+from tether.backend import rank_slice
 from tether.config import ConfigError, RLConfig
 from tether.health import HealthWarning
 from tether.kl import kl_shaped_rewards
@@ -49,7 +50,9 @@ from tether.run import (
 from tether.sampling import missing_eos_penalty
 from tether.trainers.common import (
     SampleBatch,
+    StepBatch,
     StepTimes,
+    gather_step,
     kl_loss_term,
     load_rl_inputs,
     make_loop_state,
@@ -132,7 +135,8 @@ class PPOTrainer:
     ) -> None:
         self.config = config
         inputs = load_rl_inputs(config, policy, reward, prompts, tokenizer)
-        self.device, self.policy, self.tokenizer = inputs.device, inputs.policy, inputs.tokenizer
+        self.backend, self.device = inputs.backend, inputs.device
+        self.policy, self.tokenizer = inputs.policy, inputs.tokenizer
         self.data, self.reward, self.score_norm = inputs.data, inputs.reward, inputs.score_norm
         self.generator = HFGenerator(
             self.policy, self.tokenizer, config.sampling, add_special_tokens=not self.data.chat
@@ -192,10 +196,12 @@ class PPOTrainer:
         )
         return self._resumed_from
 
-    def _checkpoint(self) -> Path:
-        keep = self.config.logging.save_total_limit
-        extra = {"value_model": self.value_model}
-        return save_run_checkpoint(self.run_dir, self.policy, self.tokenizer, self.state, extra, keep)
+    def _checkpoint(self) -> None:
+        if self.backend.is_main:
+            keep = self.config.logging.save_total_limit
+            extra = {"value_model": self.value_model}
+            save_run_checkpoint(self.run_dir, self.policy, self.tokenizer, self.state, extra, keep)
+        self.backend.barrier()
 
     # ------------------------------------------------------------------ 1. rollout
 
@@ -267,6 +273,7 @@ class PPOTrainer:
             s.scheduler,
             s.update_generator,
             PER_TOKEN_STATS,
+            self.backend,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -274,8 +281,9 @@ class PPOTrainer:
     def train(self) -> list[dict[str, float]]:
         """Run to ``total_episodes``; returns the per-step metrics (also in ``output_dir/metrics.jsonl``)."""
         cfg, state = self.config, self.state
-        if self._resumed_from is None:
+        if self._resumed_from is None and self.backend.is_main:
             claim_run_dir(self.run_dir, cfg.overwrite_output_dir)
+        self.backend.barrier()
         out = open_run(
             cfg,
             self.run_dir,
@@ -285,24 +293,33 @@ class PPOTrainer:
             episode=state.episode,
             resumed_step=state.step if self._resumed_from is not None else None,
             max_new_tokens=cfg.sampling.max_new_tokens,
+            is_main=self.backend.is_main,
         )
         self.health_warnings: list[HealthWarning] = []
         history: list[dict[str, float]] = []
         try:
             while state.step < cfg.num_steps:
                 t0 = time.perf_counter()
-                # 1. rollout
-                prompts, columns = self.data.select(state.sampler.next_indices(cfg.rollout_batch_size))
+                # 1. rollout: the job's prompts for this step; this process samples its share
+                indices = state.sampler.next_indices(cfg.rollout_batch_size)
+                share = rank_slice(
+                    len(indices), self.backend.rank, self.backend.world_size, "rollout_batch_size"
+                )
+                prompts, columns = self.data.select(indices[share])
                 ro = self.rollout(prompts)
-                mask = ro.response_mask
                 responses = self.tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
                 t_gen = time.perf_counter()
 
-                # 2. score
+                # 2. score this process's rows, then stack every process's step (nothing to do in one process)
                 reward_out = self.reward(prompts, responses, columns)
                 raw_scores = missing_eos_penalty(
                     reward_out.scores.to(self.device), ro.has_eos, cfg.missing_eos_penalty
                 )
+                local = StepBatch(ro, raw_scores, reward_out.components, prompts, responses)
+                ro, raw_scores, components, prompts, responses = gather_step(
+                    self.backend, local, self.tokenizer.pad_token_id, self.device
+                )
+                mask = ro.response_mask
                 scores = shape_scores(raw_scores, self.score_norm, cfg.reward_clip)
 
                 # 3. KL-shaped per-token rewards
@@ -331,7 +348,7 @@ class PPOTrainer:
                 # 7. log
                 state.step += 1
                 state.episode += cfg.rollout_batch_size
-                metrics = self._metrics(ro, scores, reward_out.components, non_score, returns, kl_coef)
+                metrics = self._metrics(ro, scores, components, non_score, returns, kl_coef)
                 if scores is not raw_scores:
                     metrics["objective/raw_scores"] = float(raw_scores.mean())
                 metrics.update(update_stats)
@@ -349,11 +366,14 @@ class PPOTrainer:
                 )
                 history.append(row)
                 self.health_warnings += warnings
-            finish_run(self.policy, self.tokenizer, self.run_dir)
+            if self.backend.is_main:
+                finish_run(self.policy, self.tokenizer, self.run_dir)
         finally:
             out.progress.close()
             out.logger.close()
-        self.report_path = write_report(self.run_dir, cfg.logging.report)
+        if self.backend.is_main:
+            self.report_path = write_report(self.run_dir, cfg.logging.report)
+        self.backend.barrier()
         return history
 
     # ------------------------------------------------------------------ metrics

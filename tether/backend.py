@@ -1,0 +1,166 @@
+"""The one place that knows about processes: a single process, or several started by ``torchrun``.
+
+A trainer asks its :class:`Backend` for its rank and share of the work, for the all-gather of a rollout, for
+the gradient all-reduce after each mini-batch and for barriers around what only the main process writes. One
+process without a launcher gets :class:`SingleProcess`, where every call is the identity, so a plain run does
+exactly what it did before this module existed.
+
+Under ``torchrun --nproc_per_node N`` (or ``accelerate launch``, which sets the same environment variables),
+:func:`make_backend` returns :class:`TorchDistributed`: the process group is gloo on CPU and NCCL on CUDA, and
+every collective has a timeout, so a rank that dies makes the others fail with an error instead of waiting
+forever. Gradients are summed across ranks after each mini-batch; with the loss divided by the *global* token
+(or sequence) count, the sum is exactly the one-process gradient of the whole mini-batch.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from datetime import timedelta
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+#: Seconds a collective may wait for the other ranks before it fails (TORCH_DIST_TIMEOUT_S overrides it).
+DEFAULT_TIMEOUT_S = 600
+
+
+class Backend(Protocol):
+    """What a trainer needs to know about the processes of a job."""
+
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files (rank 0)."""
+        ...
+
+    def device(self, requested: str) -> torch.device:
+        """The device this process trains on, given the config's ``device`` setting."""
+        ...
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank (picklable objects; tensors on CPU)."""
+        ...
+
+    def all_reduce_grads(self, params: list[nn.Parameter]) -> None:
+        """Sum the gradients of ``params`` over the ranks, in place."""
+        ...
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of ``values`` over the ranks."""
+        ...
+
+    def barrier(self) -> None:
+        """Wait until every rank is here."""
+        ...
+
+
+class SingleProcess:
+    """The backend of a plain, single-process run: rank 0 of 1, every collective is the identity."""
+
+    rank = 0
+    world_size = 1
+
+    @property
+    def is_main(self) -> bool:
+        return True
+
+    def device(self, requested: str) -> torch.device:
+        if requested == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(requested)
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def all_reduce_grads(self, params: list[nn.Parameter]) -> None:
+        return None
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def barrier(self) -> None:
+        return None
+
+
+class TorchDistributed:
+    """Several processes started by ``torchrun`` / ``accelerate launch`` (the ``RANK`` / ``WORLD_SIZE`` variables)."""
+
+    def __init__(self, timeout_s: float | None = None) -> None:
+        timeout_s = timeout_s or float(os.environ.get("TORCH_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+        if not dist.is_initialized():
+            use_cuda = torch.cuda.is_available()
+            if use_cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+            # A group left open at interpreter exit can abort the process ("terminate called without an active
+            # exception" from gloo's threads), failing a run that finished: close the group we opened.
+            atexit.register(close_process_group)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, requested: str) -> torch.device:
+        if requested in ("auto", "cuda") and torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)  # one device per process
+        if requested == "auto":
+            return torch.device("cpu")
+        return torch.device(requested)
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_reduce_grads(self, params: list[nn.Parameter]) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        # One flat buffer, one collective (a parameter without a gradient on every rank has none on any: the
+        # ranks run the same model on the same kind of batch).
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        out = values.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def close_process_group() -> None:
+    """Destroy the default process group if one is open."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launched_distributed() -> bool:
+    """Whether this process was started by a launcher with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def make_backend() -> Backend:
+    """:class:`TorchDistributed` under a multi-process launcher, else :class:`SingleProcess`."""
+    return TorchDistributed() if launched_distributed() else SingleProcess()
+
+
+def rank_slice(n: int, rank: int, world_size: int, what: str) -> slice:
+    """The contiguous share of ``n`` items that ``rank`` handles; ``n`` must divide by ``world_size``."""
+    if n % world_size:
+        raise ValueError(f"{what} ({n}) must be divisible by the number of processes ({world_size})")
+    share = n // world_size
+    return slice(rank * share, (rank + 1) * share)
