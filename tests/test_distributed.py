@@ -14,7 +14,9 @@ import torch
 SCRIPT = Path(__file__).resolve().parent / "dist" / "update_and_run.py"
 
 
-def launch(args: list[str], nproc: int, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def launch(
+    args: list[str], nproc: int, timeout: float = 300, ok: bool = True
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DIST_TIMEOUT_S": "60"}
     if nproc == 1:
         cmd = [sys.executable, str(SCRIPT), *args]
@@ -22,7 +24,8 @@ def launch(args: list[str], nproc: int, timeout: float = 300) -> subprocess.Comp
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(SCRIPT), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    if ok:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 
@@ -52,3 +55,23 @@ def test_a_two_process_run_learns_and_only_rank_0_writes(tmp_path):
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 25))  # one writer, no duplicates
     assert (run / "final" / "config.json").is_file() and (run / "report.html").is_file()
     assert (run / "checkpoints" / "step-000024" / "trainer_state.pt").is_file()
+
+
+def test_a_killed_rank_stops_the_job_promptly_and_the_last_checkpoint_is_intact(tmp_path):
+    """Rank 1 dies in step 5: the job exits well within the collective timeout, naming rank 1; step 4 loads."""
+    import time
+
+    from tether.checkpoint import latest_checkpoint, load_state
+
+    start = time.perf_counter()
+    done = launch(["kill", "ppo", str(tmp_path)], nproc=2, ok=False)
+    assert done.returncode != 0 and time.perf_counter() - start < 120
+    report = done.stdout + done.stderr
+    assert "rank      : 1" in report or "rank: 1" in report, report[-2000:]
+    run = tmp_path / "run"
+    ckpt = latest_checkpoint(run)
+    assert ckpt.name == "step-000004"
+    assert load_state(ckpt)["step"] == 4
+    assert not (run / "final").exists()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
