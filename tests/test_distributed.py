@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent / "dist" / "update_and_run.py"
+SCRIPT = Path(__file__).resolve().parent / "distributed_worker.py"
 
 
 def launch(
@@ -58,7 +58,8 @@ def test_a_two_process_run_learns_and_only_rank_0_writes(tmp_path):
 
 
 def test_a_killed_rank_stops_the_job_promptly_and_the_last_checkpoint_is_intact(tmp_path):
-    """Rank 1 dies in step 5: the job exits well within the collective timeout, naming rank 1; step 4 loads."""
+    """Rank 1 dies in step 5: the job exits well within the collective timeout, naming rank 1; step 4 loads,
+    and the run resumes from it in one process."""
     import time
 
     from tether.checkpoint import latest_checkpoint, load_state
@@ -75,3 +76,7 @@ def test_a_killed_rank_stops_the_job_promptly_and_the_last_checkpoint_is_intact(
     assert not (run / "final").exists()
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+    # The 2-process run resumes in 1 process (checkpoints hold no per-process state) and finishes.
+    launch(["resume", "ppo", str(tmp_path)], nproc=1)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9)) and (run / "final" / "config.json").is_file()
