@@ -15,6 +15,7 @@ forever. Gradients are summed across ranks after each mini-batch; with the loss 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 from datetime import timedelta
 from typing import Any, Protocol
@@ -164,3 +165,27 @@ def rank_slice(n: int, rank: int, world_size: int, what: str) -> slice:
         raise ValueError(f"{what} ({n}) must be divisible by the number of processes ({world_size})")
     share = n // world_size
     return slice(rank * share, (rank + 1) * share)
+
+
+def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast on ``device`` when ``mixed_precision`` is "bf16", else a context that does nothing."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    if mixed_precision != "bf16":
+        raise ValueError(f"unknown mixed_precision {mixed_precision!r}; expected 'no' or 'bf16'")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on transformers' (non-reentrant) gradient checkpointing; a clear error for a model without it.
+
+    transformers 5 names it activation checkpointing (the old name is deprecated); older versions have only
+    ``gradient_checkpointing_enable``.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")

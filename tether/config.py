@@ -149,7 +149,13 @@ class RLConfig:
     reward_clip: float | None = None
     """Clip (normalised) scores to [-reward_clip, reward_clip]."""
     device: str = "auto"
-    """"auto" (CUDA when available), "cpu", "cuda", "cuda:1", ..."""
+    """"auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...; under torchrun, one device per process."""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """"bf16": the policy, reference and value forwards (rollout and update) run under bfloat16 autocast, on CPU
+    and CUDA; logprobs, KL and losses are still computed in float32 from the logits, and weights stay float32."""
+    gradient_checkpointing: bool = False
+    """Recompute the policy's (and value model's) activations in the backward pass instead of storing them:
+    less memory for a longer update (transformers' gradient_checkpointing_enable, non-reentrant)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tether.backend import Backend, SingleProcess, make_backend, rank_slice
+from tether.backend import Backend, SingleProcess, enable_gradient_checkpointing, make_backend, rank_slice
 from tether.config import ConfigError, RLConfig
 from tether.data import PromptData, PromptSampler, check_prompt_lengths, load_prompts, render_prompts
 from tether.health import HealthWarning
@@ -60,6 +60,8 @@ def load_rl_inputs(
     device = backend.device(config.device)
     torch.manual_seed(config.seed)
     model = load_causal_lm(policy)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     tok = load_tokenizer(tokenizer, policy)
     data = render_prompts(load_prompts(prompts), tok)
     check_prompt_lengths(data, tok, config.max_prompt_length)

@@ -34,7 +34,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.advantages import GROUP_ESTIMATORS, AdvantageInputs, AdvantageSettings, compute_advantages
-from tether.backend import rank_slice
+from tether.backend import autocast, rank_slice
 from tether.config import ConfigError, KLConfig, RLConfig
 from tether.health import HealthWarning
 from tether.kl import kl_shaped_rewards
@@ -208,16 +208,18 @@ class GRPOTrainer:
     def rollout(self, prompts: Sequence[str]) -> Rollout:
         """Sample one completion per row of ``prompts`` (already repeated G times) and run the no-grad forwards."""
         cfg = self.config
-        return build_rollout(
-            self.generator(prompts),
-            self.policy,
-            cfg.sampling,
-            self.eos_token_ids,
-            ref_policy=self.ref_policy,
-            kl_estimator=cfg.kl.estimator,
-            log_exact_kl=cfg.kl.log_exact,
-            chunk_size=cfg.forward_batch_size or cfg.micro_batch_size,
-        )
+        generation = self.generator(prompts)
+        with autocast(self.device, cfg.mixed_precision):
+            return build_rollout(
+                generation,
+                self.policy,
+                cfg.sampling,
+                self.eos_token_ids,
+                ref_policy=self.ref_policy,
+                kl_estimator=cfg.kl.estimator,
+                log_exact_kl=cfg.kl.log_exact,
+                chunk_size=cfg.forward_batch_size or cfg.micro_batch_size,
+            )
 
     # ------------------------------------------------------------------ 5. update
 
@@ -255,7 +257,8 @@ class GRPOTrainer:
         self.policy.train()
 
         def loss_of(rows: torch.Tensor, normalizer: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            return self.micro_batch_loss(rollout.index(rows), advantages[rows], normalizer)
+            with autocast(self.device, self.config.mixed_precision):  # forwards only: backward runs outside
+                return self.micro_batch_loss(rollout.index(rows), advantages[rows], normalizer)
 
         s = self.state
         return run_updates(

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.advantages import gae, whiten_advantages
-from tether.backend import rank_slice
+from tether.backend import autocast, enable_gradient_checkpointing, rank_slice
 from tether.config import ConfigError, RLConfig
 from tether.health import HealthWarning
 from tether.kl import kl_shaped_rewards
@@ -146,6 +146,8 @@ class PPOTrainer:
         if value_model is None:
             value_model = ValueModel.from_model(self._value_init_source())
         self.value_model = value_model
+        if config.gradient_checkpointing and hasattr(value_model.backbone, "supports_gradient_checkpointing"):
+            enable_gradient_checkpointing(value_model.backbone)
         for model in (self.policy, self.ref_policy, self.value_model):
             disable_dropout(model)
             model.to(self.device)
@@ -208,17 +210,19 @@ class PPOTrainer:
     def rollout(self, prompts: Sequence[str]) -> Rollout:
         """Sample one response per prompt and run the no-grad forwards. See step 1 of the module docstring."""
         cfg = self.config
-        return build_rollout(
-            self.generator(prompts),
-            self.policy,
-            cfg.sampling,
-            self.eos_token_ids,
-            ref_policy=self.ref_policy,
-            value_model=self.value_model,
-            kl_estimator=cfg.kl.estimator,
-            log_exact_kl=cfg.kl.log_exact,
-            chunk_size=cfg.forward_batch_size or cfg.micro_batch_size,
-        )
+        generation = self.generator(prompts)
+        with autocast(self.device, cfg.mixed_precision):
+            return build_rollout(
+                generation,
+                self.policy,
+                cfg.sampling,
+                self.eos_token_ids,
+                ref_policy=self.ref_policy,
+                value_model=self.value_model,
+                kl_estimator=cfg.kl.estimator,
+                log_exact_kl=cfg.kl.log_exact,
+                chunk_size=cfg.forward_batch_size or cfg.micro_batch_size,
+            )
 
     # ------------------------------------------------------------------ 5. update
 
@@ -260,7 +264,8 @@ class PPOTrainer:
         self.model.train()
 
         def loss_of(rows: torch.Tensor, normalizer: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            return self.micro_batch_loss(rollout.index(rows), advantages[rows], returns[rows], normalizer)
+            with autocast(self.device, self.config.mixed_precision):  # forwards only: backward runs outside
+                return self.micro_batch_loss(rollout.index(rows), advantages[rows], returns[rows], normalizer)
 
         s = self.state
         return run_updates(
