@@ -27,6 +27,7 @@ import torch
 import yaml
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from tether.backend import launched_distributed
 from tether.checkpoint import (
     latest_checkpoint,
     load_policy_weights,
@@ -301,6 +302,12 @@ class RewardTrainer:
         train_data: Any = None,
         eval_data: Any = None,
     ) -> None:
+        if launched_distributed():
+            # Every process would train its own copy and write the same files: refuse rather than mix them.
+            raise ConfigError(
+                "tether rm runs in one process for now; start it without torchrun / accelerate launch "
+                "(the RL trainers, tether ppo and tether grpo, run under them)"
+            )
         self.config = cfg = config
         self.run_dir = Path(cfg.output_dir)
         self.report_path: Path | None = None  # run_dir/report.html once train() has written it
