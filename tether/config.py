@@ -152,7 +152,8 @@ class RLConfig:
     """"auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...; under torchrun, one device per process."""
     mixed_precision: Literal["no", "bf16"] = "no"
     """"bf16": the policy, reference and value forwards (rollout and update) run under bfloat16 autocast, on CPU
-    and CUDA; logprobs, KL and losses are still computed in float32 from the logits, and weights stay float32."""
+    and CUDA; logprobs, KL and losses are still computed in float32 from the logits, and weights stay float32.
+    Meant for GPUs: on a 2-core CPU it made a SmolLM2 demo step 2-3x slower (measured)."""
     gradient_checkpointing: bool = False
     """Recompute the policy's (and value model's) activations in the backward pass instead of storing them:
     less memory for a longer update (transformers' gradient_checkpointing_enable, non-reentrant)."""
