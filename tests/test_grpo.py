@@ -279,3 +279,18 @@ def test_a_policy_from_a_trained_adapter_is_tethered_to_that_adapter_not_the_bas
 
         base_lp = sequence_logprobs(policy, ro.input_ids, ro.attention_mask, ro.prompt_length).logprobs
     assert ((ro.model_logprobs - base_lp).abs() * ro.response_mask).sum() > 1.0
+
+
+def test_the_kl_safe_sampling_rules_of_ppo_hold_for_grpo(tmp_path):
+    from tether.sampling import KLBiasError
+
+    with pytest.raises(KLBiasError, match="negative"):
+        grpo_trainer(tmp_path, sampling=tether.SamplingConfig(max_new_tokens=6, top_p=0.9))
+    with pytest.raises(ConfigError, match="k3' or 'full"):
+        grpo_config(tmp_path, sampling=tether.SamplingConfig(top_k=5, allow_biased=True),
+                    kl=tether.KLConfig(estimator="k1", placement="reward"))
+    # allowed with an estimator that cannot go negative: the ratio uses the warped distribution it sampled from
+    trainer = grpo_trainer(tmp_path / "ok", steps=1,
+                           sampling=tether.SamplingConfig(max_new_tokens=6, top_k=5, allow_biased=True))
+    (row,) = trainer.train()
+    assert row["rollout/logprob_diff_max"] < 1e-4 and row["objective/kl"] >= 0.0
