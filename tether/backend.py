@@ -17,12 +17,17 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from tether.models import pick_device
+
+T = TypeVar("T")
 
 #: Seconds a collective may wait for the other ranks before it fails (TORCH_DIST_TIMEOUT_S overrides it).
 DEFAULT_TIMEOUT_S = 600
@@ -71,9 +76,7 @@ class SingleProcess:
         return True
 
     def device(self, requested: str) -> torch.device:
-        if requested == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(requested)
+        return pick_device(requested)
 
     def gather_objects(self, obj: Any) -> list[Any]:
         return [obj]
@@ -141,6 +144,13 @@ class TorchDistributed:
 
     def barrier(self) -> None:
         dist.barrier()
+
+
+def on_main(backend: Backend, fn: Callable[..., T], *args: Any) -> T | None:
+    """``fn(*args)`` on the main process alone (what writes files), then wait for every process; None elsewhere."""
+    result = fn(*args) if backend.is_main else None
+    backend.barrier()
+    return result
 
 
 def close_process_group() -> None:

@@ -34,7 +34,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.advantages import GROUP_ESTIMATORS, AdvantageInputs, AdvantageSettings, compute_advantages
-from tether.backend import autocast, rank_slice
+from tether.backend import autocast, on_main, rank_slice
 from tether.config import ConfigError, KLConfig, RLConfig
 from tether.health import HealthWarning
 from tether.kl import kl_shaped_rewards
@@ -198,10 +198,9 @@ class GRPOTrainer:
         return self._resumed_from
 
     def _checkpoint(self) -> None:
-        if self.backend.is_main:
-            keep = self.config.logging.save_total_limit
-            save_run_checkpoint(self.run_dir, self.policy, self.tokenizer, self.state, {}, keep)
-        self.backend.barrier()
+        keep = self.config.logging.save_total_limit
+        args = (self.run_dir, self.policy, self.tokenizer, self.state, {}, keep)
+        on_main(self.backend, save_run_checkpoint, *args)
 
     # ------------------------------------------------------------------ 1. rollout
 
@@ -280,9 +279,8 @@ class GRPOTrainer:
         """Run to ``total_episodes`` prompts; returns the per-step metrics (also in ``output_dir/metrics.jsonl``)."""
         cfg, state = self.config, self.state
         G = cfg.num_generations
-        if self._resumed_from is None and self.backend.is_main:
-            claim_run_dir(self.run_dir, cfg.overwrite_output_dir)
-        self.backend.barrier()
+        if self._resumed_from is None:
+            on_main(self.backend, claim_run_dir, self.run_dir, cfg.overwrite_output_dir)
         out = open_run(
             cfg,
             self.run_dir,
@@ -365,14 +363,11 @@ class GRPOTrainer:
                 )
                 history.append(row)
                 self.health_warnings += warnings
-            if self.backend.is_main:
-                finish_run(self.policy, self.tokenizer, self.run_dir)
+            on_main(self.backend, finish_run, self.policy, self.tokenizer, self.run_dir)
         finally:
             out.progress.close()
             out.logger.close()
-        if self.backend.is_main:
-            self.report_path = write_report(self.run_dir, cfg.logging.report)
-        self.backend.barrier()
+        self.report_path = on_main(self.backend, write_report, self.run_dir, cfg.logging.report)
         return history
 
 

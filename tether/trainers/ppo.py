@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.advantages import gae, whiten_advantages
-from tether.backend import autocast, enable_gradient_checkpointing, rank_slice
+from tether.backend import autocast, enable_gradient_checkpointing, on_main, rank_slice
 from tether.config import ConfigError, RLConfig
 from tether.health import HealthWarning
 from tether.kl import kl_shaped_rewards
@@ -199,11 +199,16 @@ class PPOTrainer:
         return self._resumed_from
 
     def _checkpoint(self) -> None:
-        if self.backend.is_main:
-            keep = self.config.logging.save_total_limit
-            extra = {"value_model": self.value_model}
-            save_run_checkpoint(self.run_dir, self.policy, self.tokenizer, self.state, extra, keep)
-        self.backend.barrier()
+        keep = self.config.logging.save_total_limit
+        args = (
+            self.run_dir,
+            self.policy,
+            self.tokenizer,
+            self.state,
+            {"value_model": self.value_model},
+            keep,
+        )
+        on_main(self.backend, save_run_checkpoint, *args)
 
     # ------------------------------------------------------------------ 1. rollout
 
@@ -286,9 +291,8 @@ class PPOTrainer:
     def train(self) -> list[dict[str, float]]:
         """Run to ``total_episodes``; returns the per-step metrics (also in ``output_dir/metrics.jsonl``)."""
         cfg, state = self.config, self.state
-        if self._resumed_from is None and self.backend.is_main:
-            claim_run_dir(self.run_dir, cfg.overwrite_output_dir)
-        self.backend.barrier()
+        if self._resumed_from is None:
+            on_main(self.backend, claim_run_dir, self.run_dir, cfg.overwrite_output_dir)
         out = open_run(
             cfg,
             self.run_dir,
@@ -371,14 +375,11 @@ class PPOTrainer:
                 )
                 history.append(row)
                 self.health_warnings += warnings
-            if self.backend.is_main:
-                finish_run(self.policy, self.tokenizer, self.run_dir)
+            on_main(self.backend, finish_run, self.policy, self.tokenizer, self.run_dir)
         finally:
             out.progress.close()
             out.logger.close()
-        if self.backend.is_main:
-            self.report_path = write_report(self.run_dir, cfg.logging.report)
-        self.backend.barrier()
+        self.report_path = on_main(self.backend, write_report, self.run_dir, cfg.logging.report)
         return history
 
     # ------------------------------------------------------------------ metrics
