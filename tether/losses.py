@@ -43,18 +43,26 @@ class PolicyLossSettings:
 
 
 def _clipped_surrogate(
-    ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, settings: PolicyLossSettings
+    ratio: torch.Tensor,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    settings: PolicyLossSettings,
 ) -> PolicyLossOutput:
-    """``max(-A * r, -A * clip(r, 1 - eps_low, 1 + eps_high))`` per token, the branch taken, 0 outside the mask."""
+    """``max(-A * r, -A * clip(r, 1 - eps_low, 1 + eps_high))`` per token, the branch taken, 0 outside the mask,
+    with the monitoring KL of the token logprobs (whatever ratio the loss uses)."""
     clip_high = settings.clip_low if settings.clip_high is None else settings.clip_high
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - settings.clip_low, 1.0 + clip_high)
     loss = torch.maximum(unclipped, clipped)
     took_clip = (clipped > unclipped) & mask
-    zeros = torch.zeros_like(loss)
-    empty = torch.zeros_like(mask)
     return PolicyLossOutput(
-        torch.where(mask, loss, zeros), took_clip & (advantages < 0), took_clip & (advantages > 0), empty, ratio.detach()
+        torch.where(mask, loss, torch.zeros_like(loss)),
+        took_clip & (advantages < 0),
+        took_clip & (advantages > 0),
+        approx_kl(logprobs, old_logprobs, mask),
+        ratio.detach(),
     )
 
 
@@ -79,8 +87,9 @@ def ppo_clip_loss(
     """
     mask = response_mask.bool()
     ratio = torch.exp(_token_log_ratio(logprobs, old_logprobs, mask))
-    out = _clipped_surrogate(ratio, advantages, mask, PolicyLossSettings(clip_low, clip_high))
-    return out._replace(approx_kl=approx_kl(logprobs, old_logprobs, mask))
+    return _clipped_surrogate(
+        ratio, logprobs, old_logprobs, advantages, mask, PolicyLossSettings(clip_low, clip_high)
+    )
 
 
 def dual_clip_loss(
@@ -100,10 +109,9 @@ def dual_clip_loss(
         raise ValueError(f"dual_clip must be > 1, got {settings.dual_clip}")
     mask = response_mask.bool()
     ratio = torch.exp(_token_log_ratio(logprobs, old_logprobs, mask))
-    out = _clipped_surrogate(ratio, advantages, mask, settings)
+    out = _clipped_surrogate(ratio, logprobs, old_logprobs, advantages, mask, settings)
     capped = torch.minimum(out.loss, -settings.dual_clip * advantages)
-    loss = torch.where(mask & (advantages < 0), capped, out.loss)
-    return out._replace(loss=loss, approx_kl=approx_kl(logprobs, old_logprobs, mask))
+    return out._replace(loss=torch.where(mask & (advantages < 0), capped, out.loss))
 
 
 def gspo_loss(
@@ -126,8 +134,7 @@ def gspo_loss(
     seq_log_ratio = masked_mean(log_ratio, mask, dim=-1)  # [B]
     token_log_ratio = seq_log_ratio.detach().unsqueeze(-1) + logprobs.float() - logprobs.float().detach()
     ratio = torch.exp(torch.where(mask, token_log_ratio, torch.zeros_like(token_log_ratio)))
-    out = _clipped_surrogate(ratio, advantages, mask, settings)
-    return out._replace(approx_kl=approx_kl(logprobs, old_logprobs, mask))
+    return _clipped_surrogate(ratio, logprobs, old_logprobs, advantages, mask, settings)
 
 
 def _ppo_clip(
