@@ -42,6 +42,10 @@ class Rollout:
     def response_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_length :]
 
+    def to(self, device: torch.device | str) -> Rollout:
+        """Every tensor moved to ``device``."""
+        return Rollout(**{f.name: _moved(getattr(self, f.name), device) for f in fields(self)})
+
     def index(self, idx: torch.Tensor) -> Rollout:
         """Rows ``idx`` of every batched tensor."""
         kwargs = {}
@@ -49,3 +53,7 @@ class Rollout:
             value = getattr(self, f.name)
             kwargs[f.name] = value[idx] if isinstance(value, torch.Tensor) else value
         return Rollout(**kwargs)
+
+
+def _moved(value: object, device: torch.device | str) -> object:
+    return value.to(device) if isinstance(value, torch.Tensor) else value

@@ -108,19 +108,15 @@ def gather_step(backend: Backend, batch: StepBatch, pad_token_id: int, device: t
     if backend.world_size == 1:
         return batch
     cpu = StepBatch(
-        Rollout(
-            **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in vars(batch.rollout).items()}
-        ),
+        batch.rollout.to("cpu"),
         batch.raw_scores.cpu(),
         {k: v.cpu() for k, v in batch.components.items()},
         batch.prompts,
         batch.responses,
     )
     parts: list[StepBatch] = backend.gather_objects(cpu)
-    ro = concat_rollouts([part.rollout for part in parts], pad_token_id)
-    ro = Rollout(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(ro).items()})
     return StepBatch(
-        ro,
+        concat_rollouts([part.rollout for part in parts], pad_token_id).to(device),
         torch.cat([part.raw_scores for part in parts]).to(device),
         {k: torch.cat([part.components[k] for part in parts]) for k in batch.components},
         [p for part in parts for p in part.prompts],
