@@ -24,6 +24,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from tether.models import pick_device
 
@@ -125,7 +126,8 @@ class TorchDistributed:
         return out
 
     def all_reduce_grads(self, params: list[nn.Parameter]) -> None:
-        grads = [p.grad for p in params if p.grad is not None]
+        # A sharded (FSDP) parameter's gradient is a DTensor that FSDP has already reduce-scattered (summed).
+        grads = [p.grad for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
         if not grads:
             return
         # One flat buffer, one collective (a parameter without a gradient on every rank has none on any: the
@@ -177,13 +179,32 @@ def rank_slice(n: int, rank: int, world_size: int, what: str) -> slice:
     return slice(rank * share, (rank + 1) * share)
 
 
+#: The autocast dtype of each ``mixed_precision`` setting.
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager[Any]:
-    """bfloat16 autocast on ``device`` when ``mixed_precision`` is "bf16", else a context that does nothing."""
+    """bfloat16 / float16 autocast on ``device`` for "bf16" / "fp16", else a context that does nothing."""
     if mixed_precision == "no":
         return contextlib.nullcontext()
-    if mixed_precision != "bf16":
-        raise ValueError(f"unknown mixed_precision {mixed_precision!r}; expected 'no' or 'bf16'")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if mixed_precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"unknown mixed_precision {mixed_precision!r}; expected 'no', 'bf16' or 'fp16'")
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[mixed_precision])
+
+
+def make_grad_scaler(device: torch.device, mixed_precision: str, sharded: bool) -> Any:
+    """A loss scaler for fp16 (float16 gradients underflow without one); None for "no" and "bf16".
+
+    Under FSDP each process sees only its shard of the gradients, so the scaler must agree across processes
+    on whether any gradient overflowed: the sharded scaler does that reduction.
+    """
+    if mixed_precision != "fp16":
+        return None
+    if sharded:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type)
+    return torch.amp.GradScaler(device.type)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

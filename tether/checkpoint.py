@@ -61,16 +61,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_pretrained_atomic(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    out_dir: Path,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """``save_pretrained`` into ``out_dir`` via a temporary directory and a rename."""
+    """``save_pretrained`` into ``out_dir`` via a temporary directory and a rename.
+
+    ``weights``: the model's whole state dict when its parameters are sharded (see :mod:`tether.sharding`).
+    """
     out_dir = Path(out_dir)
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     with quiet_transformers():
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     _replace_dir(tmp, out_dir)
@@ -93,8 +99,12 @@ def save_checkpoint(
     tokenizer: PreTrainedTokenizerBase | None,
     state: dict[str, Any],
     keep: int,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``checkpoints/step-{step}`` atomically and keep only the newest ``keep`` checkpoints."""
+    """Write ``checkpoints/step-{step}`` atomically and keep only the newest ``keep`` checkpoints.
+
+    ``weights``: the policy's whole state dict when its parameters are sharded.
+    """
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -103,7 +113,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     with quiet_transformers():
-        policy.save_pretrained(tmp / "policy")
+        policy.save_pretrained(tmp / "policy", state_dict=weights)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "policy")
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
@@ -141,6 +151,7 @@ def load_state(ckpt: Path) -> dict[str, Any]:
 def load_policy_weights(policy: PreTrainedModel, ckpt: Path) -> None:
     """Load the checkpointed policy weights into ``policy`` in place (tied weights, or LoRA adapters)."""
     from tether.models import is_peft_model
+    from tether.sharding import is_sharded, load_full_state_dict, model_class
 
     path = Path(ckpt) / "policy"
     if is_peft_model(policy):
@@ -149,5 +160,8 @@ def load_policy_weights(policy: PreTrainedModel, ckpt: Path) -> None:
         set_peft_model_state_dict(policy, load_peft_weights(str(path)))
         return
     with quiet_transformers():
-        saved = type(policy).from_pretrained(path)
-    policy.load_state_dict(saved.state_dict())
+        saved = model_class(policy).from_pretrained(path)
+    if is_sharded(policy):
+        load_full_state_dict(policy, saved.state_dict())
+    else:
+        policy.load_state_dict(saved.state_dict())

@@ -150,13 +150,24 @@ class RLConfig:
     """Clip (normalised) scores to [-reward_clip, reward_clip]."""
     device: str = "auto"
     """"auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...; under torchrun, one device per process."""
-    mixed_precision: Literal["no", "bf16"] = "no"
-    """"bf16": the policy, reference and value forwards (rollout and update) run under bfloat16 autocast, on CPU
-    and CUDA; logprobs, KL and losses are still computed in float32 from the logits, and weights stay float32.
-    Meant for GPUs: on a 2-core CPU it made a SmolLM2 demo step 2-3x slower (measured)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """"bf16" / "fp16": the policy, reference and value forwards (rollout and update) run under bfloat16 / float16
+    autocast, on CPU and CUDA; logprobs, KL and losses are still computed in float32 from the logits, and weights
+    stay float32. fp16 also scales the loss (a gradient scaler) so that small gradients do not underflow. Meant
+    for GPUs: on a 2-core CPU bf16 made a SmolLM2 demo step 2-3x slower (measured)."""
     gradient_checkpointing: bool = False
     """Recompute the policy's (and value model's) activations in the backward pass instead of storing them:
     less memory for a longer update (transformers' gradient_checkpointing_enable, non-reentrant)."""
+    sharding: Literal["none", "fsdp"] = "none"
+    """With several processes: "none" keeps a whole copy of every model on each process and sums gradients (as
+    DDP does); "fsdp" shards the trained models (policy, value model) - weights, gradients and optimiser state -
+    over the processes with PyTorch FSDP2, one unit per decoder layer. Under `accelerate launch` with an FSDP
+    accelerate config, "none" is read as "fsdp". One process ignores it."""
+    shard_frozen_models: bool = False
+    """Under sharding "fsdp", shard the reference model too, instead of a whole copy on every process."""
+    memory_check: bool = True
+    """Before loading anything onto a device, estimate the run's memory (as `tether plan` prints it) and stop
+    with advice when it will not fit the device (or the RAM on CPU)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

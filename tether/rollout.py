@@ -27,6 +27,7 @@ from tether.logprobs import (
     selective_log_softmax,
 )
 from tether.sampling import SamplingConfig, check_sampling_config, generate, truncate_at_eos
+from tether.sharding import is_sharded
 from tether.types import Rollout
 
 
@@ -107,7 +108,9 @@ class HFGenerator:
     def eos_token_ids(self) -> list[int]:
         return self._eos
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode, here and in build_rollout: FSDP reuses the buffers its forwards gather when
+    # it trains, and an inference-mode tensor cannot be written to outside inference mode.
+    @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> Generation:
         device = next(self.model.parameters()).device
         enc = self.tokenizer(
@@ -125,6 +128,7 @@ class HFGenerator:
             self._eos,
             pad,
             output_scores=self.keep_logprobs,
+            synced=is_sharded(self.model),
         )
         cut = truncate_at_eos(gen.sequences[:, P:], self._eos, pad)
         T = max(int(cut.response_mask.sum(-1).max().item()), 1)  # drop columns that are padding everywhere
@@ -137,7 +141,7 @@ class HFGenerator:
         return Generation(prompt_ids, prompt_mask, response_ids, response_mask, cut.has_eos, logprobs)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def build_rollout(
     generation: Generation,
     policy: nn.Module,

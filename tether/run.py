@@ -20,6 +20,7 @@ import torch
 import yaml
 from torch import nn
 
+from tether.backend import Backend, on_main
 from tether.checkpoint import (
     latest_checkpoint,
     load_policy_weights,
@@ -36,6 +37,15 @@ from tether.logging import MultiLogger, Progress, build_loggers
 from tether.models import mergeable_copy
 from tether.report import build_report
 from tether.rewards import RunningNorm
+from tether.sharding import (
+    full_optimizer_state,
+    full_state_dict,
+    is_sharded,
+    load_full_state_dict,
+    load_optimizer_state,
+    optimizer_state_by_name,
+    optimizer_state_by_position,
+)
 
 #: What a run writes into its directory; a fresh run refuses a directory holding any of them.
 RUN_DIR_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "checkpoints", "final", "report.html", "tensorboard")
@@ -139,9 +149,20 @@ def report_health(outputs: RunOutputs, metrics: dict[str, float], step: int) -> 
     return warnings
 
 
-def finish_run(policy: nn.Module, tokenizer: Any, run_dir: Path) -> None:
-    """Save ``final/``: a LoRA policy merged, so it loads with ``AutoModelForCausalLM.from_pretrained``."""
-    save_pretrained_atomic(mergeable_copy(policy), tokenizer, run_dir / "final")
+def finish_run(
+    policy: nn.Module, tokenizer: Any, run_dir: Path, weights: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Save ``final/``: a LoRA policy merged, so it loads with ``AutoModelForCausalLM.from_pretrained``.
+
+    ``weights``: the whole state dict of a sharded policy (:func:`save_final` gathers it).
+    """
+    save_pretrained_atomic(mergeable_copy(policy), tokenizer, run_dir / "final", weights)
+
+
+def save_final(backend: Backend, policy: nn.Module, tokenizer: Any, run_dir: Path) -> None:
+    """:func:`finish_run` on rank 0, called on every process: a sharded policy's weights are gathered first."""
+    weights = full_state_dict(policy) if is_sharded(policy) else None
+    on_main(backend, finish_run, policy, tokenizer, run_dir, weights)
 
 
 def write_report(run_dir: Path, enabled: bool) -> Path | None:
@@ -154,7 +175,8 @@ class LoopState:
     """The training state an RL trainer checkpoints besides its policy weights, restored exactly on resume.
 
     ``extra`` holds the trainer's own stateful parts (a value model for PPO) as name -> object with
-    ``state_dict`` / ``load_state_dict``.
+    ``state_dict`` / ``load_state_dict``. ``trained`` is the module whose parameters the optimiser steps (what
+    names them when the optimiser state is saved sharded); ``grad_scaler`` the fp16 loss scaler, if any.
     """
 
     optimizer: torch.optim.Optimizer
@@ -165,11 +187,28 @@ class LoopState:
     score_norm: RunningNorm | None
     step: int = 0
     episode: int = 0
+    trained: nn.Module | None = None
+    grad_scaler: Any = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.trained is not None and is_sharded(self.trained)
 
     def state_dict(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """Everything to checkpoint; a collective when the trained models are sharded (whole tensors gathered)."""
+        state: dict[str, Any] = {}
+        if self.sharded:
+            assert self.trained is not None
+            state.update({name: full_state_dict(part) for name, part in extra.items()})
+            state["optimizer"] = full_optimizer_state(self.trained, self.optimizer)
+            state["optimizer_keys"] = "name"  # keyed by parameter name: loads into any number of processes
+        else:
+            state.update({name: part.state_dict() for name, part in extra.items()})
+            state["optimizer"] = self.optimizer.state_dict()
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
         return {
-            **{name: part.state_dict() for name, part in extra.items()},
-            "optimizer": self.optimizer.state_dict(),
+            **state,
             "scheduler": self.scheduler.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
             "sampler": self.sampler.state_dict(),
@@ -180,8 +219,13 @@ class LoopState:
 
     def load_state_dict(self, state: dict[str, Any], extra: dict[str, Any]) -> None:
         for name, part in extra.items():
-            part.load_state_dict(state[name])
-        self.optimizer.load_state_dict(state["optimizer"])
+            if is_sharded(part):
+                load_full_state_dict(part, state[name])
+            else:
+                part.load_state_dict(state[name])
+        self._load_optimizer(state["optimizer"], by_name=state.get("optimizer_keys") == "name")
+        if self.grad_scaler is not None and state.get("grad_scaler") is not None:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.sampler.load_state_dict(state["sampler"])
@@ -190,12 +234,36 @@ class LoopState:
         if self.score_norm is not None and state.get("score_norm") is not None:
             self.score_norm.load_state_dict(state["score_norm"])
 
+    def _load_optimizer(self, saved: dict[str, Any], by_name: bool) -> None:
+        """A checkpoint from a sharded or a whole-model run, into a sharded or a whole-model optimiser."""
+        if self.sharded:
+            assert self.trained is not None
+            named = saved if by_name else optimizer_state_by_name(self.trained, saved)
+            load_optimizer_state(self.trained, self.optimizer, named)
+        elif by_name:
+            if self.trained is None:
+                raise ValueError("this checkpoint's optimiser state is keyed by name: LoopState needs `trained`")
+            self.optimizer.load_state_dict(optimizer_state_by_position(self.trained, saved))
+        else:
+            self.optimizer.load_state_dict(saved)
+
 
 def save_run_checkpoint(
-    run_dir: Path, policy: nn.Module, tokenizer: Any, state: LoopState, extra: dict[str, Any], keep: int
-) -> Path:
-    """``checkpoints/step-N``: the policy (``save_pretrained``), the loop state and every RNG state."""
-    return save_checkpoint(run_dir, state.step, policy, tokenizer, state.state_dict(extra), keep)
+    backend: Backend,
+    run_dir: Path,
+    policy: nn.Module,
+    tokenizer: Any,
+    state: LoopState,
+    extra: dict[str, Any],
+    keep: int,
+) -> Path | None:
+    """``checkpoints/step-N``: the policy (``save_pretrained``), the loop state and every RNG state.
+
+    Call it on every process: sharded weights and optimiser state are gathered (collectives), rank 0 writes.
+    """
+    payload = state.state_dict(extra)
+    weights = full_state_dict(policy) if state.sharded else None
+    return on_main(backend, save_checkpoint, run_dir, state.step, policy, tokenizer, payload, keep, weights)
 
 
 def load_run_checkpoint(run_dir: Path, policy: nn.Module, state: LoopState, extra: dict[str, Any]) -> Path:

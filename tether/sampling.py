@@ -205,15 +205,22 @@ def generate(
     eos_token_id: int | list[int],
     pad_token_id: int,
     output_scores: bool = False,
+    synced: bool = False,
 ) -> Generated:
-    """Sample responses for left-padded prompts [B, P] with exactly the settings in ``cfg``."""
+    """Sample responses for left-padded prompts [B, P] with exactly the settings in ``cfg``.
+
+    ``synced``: go on running forwards until every process has finished (a sharded model needs every process
+    in every forward); the extra tokens of a finished process are padding.
+    """
     gen_cfg = generation_config(cfg, eos_token_id, pad_token_id)
     gen_cfg.return_dict_in_generate = True
     gen_cfg.output_scores = output_scores
     # The clean config is both passed and installed as the model default: transformers fills unset
     # fields of a passed config from the model's generation_config.json.
     with _clean_generation_defaults(model, GenerationConfig(eos_token_id=eos_token_id, pad_token_id=pad_token_id)):
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg, synced_gpus=synced
+        )
     return Generated(out.sequences, out.scores if output_scores else None)
 
 

@@ -15,19 +15,27 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tether.backend import Backend, SingleProcess, enable_gradient_checkpointing, make_backend, rank_slice
+from tether.backend import (
+    Backend,
+    SingleProcess,
+    enable_gradient_checkpointing,
+    make_backend,
+    make_grad_scaler,
+    rank_slice,
+)
 from tether.config import ConfigError, RLConfig
 from tether.data import PromptData, PromptSampler, check_prompt_lengths, load_prompts, render_prompts
 from tether.health import HealthWarning
 from tether.kl import KLTerms, kl_k1, kl_needs_logits, kl_needs_loss_term, make_kl_controller, token_kl
 from tether.logprobs import PolicyForward, response_logits
 from tether.losses import aggregate, loss_normalizer
-from tether.models import load_causal_lm, load_tokenizer
+from tether.models import AdapterDisabledReference, load_causal_lm, load_tokenizer
 from tether.ops import masked_mean
 from tether.rewards import Reward, RunningNorm, build_reward
 from tether.rollout import concat_rollouts
 from tether.run import LoopState, RunOutputs, linear_schedule, report_health
 from tether.sampling import biased_sampling_warning, check_sampling_config
+from tether.sharding import apply_launcher_settings, is_sharded, shard_model
 from tether.types import Rollout
 
 
@@ -56,6 +64,9 @@ def load_rl_inputs(
     if warning:
         print(warning, file=sys.stderr)
     backend = make_backend()
+    for change in apply_launcher_settings(config, backend.world_size):
+        if backend.is_main:
+            print(f"tether: {change}", file=sys.stderr)
     check_world_size(config, backend.world_size)
     device = backend.device(config.device)
     torch.manual_seed(config.seed)
@@ -140,15 +151,32 @@ def make_optimizer(
     return optimizer, scheduler
 
 
+def shard_models(config: RLConfig, trained: Iterable[nn.Module], frozen: Iterable[nn.Module | None]) -> None:
+    """Under ``sharding: fsdp``, shard the trained models (and, when asked, the frozen reference) in place.
+
+    Call it after the models are on their device and before the optimiser is built over their parameters.
+    """
+    if config.sharding != "fsdp":
+        return
+    for model in trained:
+        shard_model(model)
+    if config.shard_frozen_models:
+        for model in frozen:
+            if model is not None and not isinstance(model, AdapterDisabledReference):
+                shard_model(model)
+
+
 def make_loop_state(
     config: RLConfig,
-    params: Iterable[nn.Parameter],
+    trained: nn.Module,
     total_updates: int,
     n_prompts: int,
     score_norm: RunningNorm | None,
+    device: torch.device,
 ) -> LoopState:
-    """The training state of a new run: optimiser and schedule, KL controller, prompt sampler, update shuffling."""
-    optimizer, scheduler = make_optimizer(params, config, total_updates)
+    """The training state of a new run: optimiser and schedule over ``trained``'s parameters, KL controller,
+    prompt sampler, update shuffling, and the fp16 loss scaler."""
+    optimizer, scheduler = make_optimizer(trained.parameters(), config, total_updates)
     return LoopState(
         optimizer=optimizer,
         scheduler=scheduler,
@@ -156,6 +184,8 @@ def make_loop_state(
         sampler=PromptSampler(n_prompts, config.seed),
         update_generator=torch.Generator().manual_seed(config.seed + 1),
         score_norm=score_norm,
+        trained=trained,
+        grad_scaler=make_grad_scaler(device, config.mixed_precision, is_sharded(trained)),
     )
 
 
@@ -209,6 +239,7 @@ def run_updates(
     generator: torch.Generator,
     per_token: frozenset[str],
     backend: Backend | None = None,
+    grad_scaler: Any = None,
 ) -> dict[str, float]:
     """``epochs`` passes of shuffled mini-batch optimiser steps, each accumulating micro-batch gradients.
 
@@ -219,6 +250,8 @@ def run_updates(
 
     With several processes every one holds the whole rollout and draws the same shuffles; each takes its share
     of every mini-batch, the gradients are summed over the processes before the step, and so are the statistics.
+    With fp16, ``grad_scaler`` scales the loss before backward and unscales the gradients before clipping; it
+    skips a step whose gradients overflowed (and lowers its scale).
     """
     backend = backend or SingleProcess()
     B = response_mask.shape[0]
@@ -239,13 +272,19 @@ def run_updates(
                 loss, stats = micro_batch_loss(
                     mine[micro_start : micro_start + config.micro_batch_size], normalizer
                 )
-                loss.backward()
+                (loss if grad_scaler is None else grad_scaler.scale(loss)).backward()
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
             backend.all_reduce_grads([p for p in params() if p.requires_grad])
+            if grad_scaler is not None:
+                grad_scaler.unscale_(optimizer)
             if config.max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(list(params()), config.max_grad_norm)
-            optimizer.step()
+            if grad_scaler is None:
+                optimizer.step()
+            else:
+                grad_scaler.step(optimizer)
+                grad_scaler.update()
             scheduler.step()
             n_tokens += float(response_mask[mb].sum())
             n_minibatches += 1

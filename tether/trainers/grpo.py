@@ -44,10 +44,10 @@ from tether.models import disable_dropout, frozen_copy
 from tether.rollout import HFGenerator, build_rollout
 from tether.run import (
     claim_run_dir,
-    finish_run,
     input_specs,
     load_run_checkpoint,
     open_run,
+    save_final,
     save_run_checkpoint,
     write_report,
 )
@@ -64,6 +64,7 @@ from tether.trainers.common import (
     rollout_metrics,
     run_updates,
     shape_scores,
+    shard_models,
 )
 from tether.types import Rollout
 
@@ -175,10 +176,11 @@ class GRPOTrainer:
                 model.to(self.device)
         if self.ref_policy is not None:
             self.ref_policy.eval().requires_grad_(False)
+        shard_models(config, trained=(self.policy,), frozen=(self.ref_policy,))
 
         total_updates = config.num_steps * config.num_iterations * config.num_mini_batches
         self.state = make_loop_state(
-            config, self.policy.parameters(), total_updates, len(self.data), self.score_norm
+            config, self.policy, total_updates, len(self.data), self.score_norm, self.device
         )
         self.loss_settings = PolicyLossSettings(config.cliprange, config.cliprange_high, config.dual_clip)
         self.advantage_settings = AdvantageSettings(gamma=config.gamma, scale_rewards=config.scale_rewards)
@@ -200,7 +202,7 @@ class GRPOTrainer:
     def _checkpoint(self) -> None:
         keep = self.config.logging.save_total_limit
         args = (self.run_dir, self.policy, self.tokenizer, self.state, {}, keep)
-        on_main(self.backend, save_run_checkpoint, *args)
+        save_run_checkpoint(self.backend, *args)
 
     # ------------------------------------------------------------------ 1. rollout
 
@@ -271,6 +273,7 @@ class GRPOTrainer:
             s.update_generator,
             PER_TOKEN_STATS,
             self.backend,
+            s.grad_scaler,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -363,7 +366,7 @@ class GRPOTrainer:
                 )
                 history.append(row)
                 self.health_warnings += warnings
-            on_main(self.backend, finish_run, self.policy, self.tokenizer, self.run_dir)
+            save_final(self.backend, self.policy, self.tokenizer, self.run_dir)
         finally:
             out.progress.close()
             out.logger.close()

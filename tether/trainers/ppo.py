@@ -40,10 +40,10 @@ from tether.rewards.model import uses_last_token_pooling
 from tether.rollout import HFGenerator, build_rollout
 from tether.run import (
     claim_run_dir,
-    finish_run,
     input_specs,
     load_run_checkpoint,
     open_run,
+    save_final,
     save_run_checkpoint,
     write_report,
 )
@@ -60,6 +60,7 @@ from tether.trainers.common import (
     rollout_metrics,
     run_updates,
     shape_scores,
+    shard_models,
 )
 from tether.types import Rollout
 
@@ -152,11 +153,12 @@ class PPOTrainer:
             disable_dropout(model)
             model.to(self.device)
         self.ref_policy.eval().requires_grad_(False)
+        shard_models(config, trained=(self.policy, self.value_model), frozen=(self.ref_policy,))
 
         self.model = PolicyAndValue(self.policy, self.value_model)
         total_updates = config.num_steps * config.ppo_epochs * config.num_mini_batches
         self.state = make_loop_state(
-            config, self.model.parameters(), total_updates, len(self.data), self.score_norm
+            config, self.model, total_updates, len(self.data), self.score_norm, self.device
         )
         self.run_dir = Path(config.output_dir)
         self._resumed_from: Path | None = None
@@ -208,7 +210,7 @@ class PPOTrainer:
             {"value_model": self.value_model},
             keep,
         )
-        on_main(self.backend, save_run_checkpoint, *args)
+        save_run_checkpoint(self.backend, *args)
 
     # ------------------------------------------------------------------ 1. rollout
 
@@ -284,6 +286,7 @@ class PPOTrainer:
             s.update_generator,
             PER_TOKEN_STATS,
             self.backend,
+            s.grad_scaler,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -375,7 +378,7 @@ class PPOTrainer:
                 )
                 history.append(row)
                 self.health_warnings += warnings
-            on_main(self.backend, finish_run, self.policy, self.tokenizer, self.run_dir)
+            save_final(self.backend, self.policy, self.tokenizer, self.run_dir)
         finally:
             out.progress.close()
             out.logger.close()
