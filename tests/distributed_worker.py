@@ -5,6 +5,7 @@ same advantages, and runs one ``trainer.update``; rank 0 writes the updated weig
 ``run TRAINER OUT``: a whole toy run; rank 0 writes the history.
 ``kill TRAINER OUT``: a whole run in which rank 1 dies (os._exit) in its fifth rollout, after the step-4 checkpoint.
 ``resume TRAINER OUT``: the ``kill`` run resumed from its newest checkpoint (with any number of processes).
+An optional fourth argument is the ``sharding`` setting ("none" or "fsdp"; "fsdp-frozen" shards the reference too).
 """
 
 from __future__ import annotations
@@ -18,16 +19,21 @@ import torch
 import tether
 from tether.advantages import AdvantageInputs, compute_advantages, gae
 from tether.kl import kl_shaped_rewards
+from tether.sharding import full_state_dict, is_sharded
 from tether.toy import CharFractionReward, make_toy_model, make_toy_prompts, make_toy_tokenizer
 
 torch.set_num_threads(1)
 os.makedirs(sys.argv[3], exist_ok=True)
 mode, trainer_name, out = sys.argv[1], sys.argv[2], sys.argv[3]
+sharding = sys.argv[4] if len(sys.argv) > 4 else "none"
+shard_frozen = sharding == "fsdp-frozen"
+sharding = sharding.removesuffix("-frozen")
 steps = {"update": 2, "run": 24, "kill": 8, "resume": 8}[mode]
 save_steps = 4 if mode in ("kill", "resume") else steps // 2
 logging = tether.LoggingConfig(report_to=["jsonl"], progress_bar=False, save_steps=save_steps, report=True)
 common = dict(output_dir=f"{out}/run", seed=0, learning_rate=3e-3, sampling=tether.SamplingConfig(max_new_tokens=8),
-              logging=logging, device="cpu", overwrite_output_dir=True)
+              logging=logging, device="cpu", overwrite_output_dir=True, sharding=sharding,
+              shard_frozen_models=shard_frozen)
 tok = make_toy_tokenizer()
 reward = CharFractionReward()
 if trainer_name == "ppo":
@@ -58,9 +64,14 @@ if mode == "update":
         inputs = AdvantageInputs(rewards, ro.response_mask, group_size=4)
         adv = compute_advantages("grpo", inputs, trainer.advantage_settings).advantages
         stats = trainer.update(ro, adv)
+    # whole weights (gathered from the shards under fsdp: a collective, so on every process)
+    weights = dict(full_state_dict(trainer.policy))
+    if trainer_name == "ppo":
+        weights.update({f"value.{k}": v for k, v in full_state_dict(trainer.value_model).items()})
     if main:
-        params = torch.cat([p.detach().flatten() for p in trainer.policy.parameters()])
-        torch.save({"params": params, "stats": stats, "world": trainer.backend.world_size}, f"{out}/update.pt")
+        sharded = (is_sharded(trainer.policy), is_sharded(trainer.ref_policy))
+        torch.save({"params": weights, "stats": stats, "world": trainer.backend.world_size, "sharded": sharded},
+                   f"{out}/update.pt")
 else:
     if mode == "kill" and trainer.backend.rank == 1:
         real_rollout, calls = trainer.rollout, []

@@ -63,3 +63,39 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_changes_nothing_else(t
     # with checkpointing the first block's attention runs again in the backward pass: more calls, same weights
     assert results[True][1] > results[False][1]
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("trainer_name", ["ppo", "grpo"])
+def test_fp16_autocast_runs_the_forwards_in_float16_with_a_loss_scaler(tmp_path, trainer_name):
+    on = make(tmp_path / "on", trainer_name, mixed_precision="fp16")
+    seen = record_head_dtypes(on)
+    scaler = on.state.grad_scaler
+    assert isinstance(scaler, torch.amp.GradScaler)
+    (row,) = on.train()
+    assert torch.float16 in seen
+    assert all(p.dtype == torch.float32 for p in on.policy.parameters())
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in row.items() if isinstance(v, float))
+    # the scaler scaled the losses (its scale is set on first use) and is part of the checkpointed state
+    assert scaler.get_scale() > 1.0
+    assert on.state.state_dict({})["grad_scaler"]["scale"] == scaler.get_scale()
+    assert make(tmp_path / "off", trainer_name).state.grad_scaler is None
+
+
+def test_optimizer_state_keyed_by_name_round_trips_to_positions():
+    """What lets a sharded run's checkpoint (optimiser state by name) resume in one process, and back."""
+    from tether.sharding import optimizer_state_by_name, optimizer_state_by_position
+
+    tok = make_toy_tokenizer()
+    model = make_toy_model(tok)
+    model.transformer.wpe.weight.requires_grad_(False)  # a frozen parameter has no position
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model(input_ids=torch.tensor([[2, 3, 4]])).logits.sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    named = optimizer_state_by_name(model, saved)
+    assert "transformer.h.0.attn.c_attn.weight" in named["state"]
+    assert "transformer.wpe.weight" not in named["state"]
+    back = optimizer_state_by_position(model, named)
+    assert back["param_groups"] == saved["param_groups"]
+    for i, state in saved["state"].items():
+        torch.testing.assert_close(back["state"][i]["exp_avg"], state["exp_avg"], rtol=0, atol=0)

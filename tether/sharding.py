@@ -28,8 +28,9 @@ from torch import nn
 
 from tether.config import ConfigError, RLConfig
 
-#: The accelerate config's FSDP sharding strategies, as FSDP2 reads them (reshard_after_forward).
-_RESHARD_AFTER_FORWARD = {"FULL_SHARD": True, "1": True, "SHARD_GRAD_OP": False, "2": False}
+#: The accelerate config's FSDP sharding strategies tether runs, by name or number: whether each frees a layer's
+#: gathered weights after its forward (accelerate's FSDP2 configs say it with fsdp_reshard_after_forward).
+_SHARDING_STRATEGIES = {"FULL_SHARD": True, "1": True, "SHARD_GRAD_OP": False, "2": False}
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -80,14 +81,17 @@ def apply_launcher_settings(config: RLConfig, world_size: int) -> list[str]:
 
 
 def reshard_after_forward() -> bool:
-    """FULL_SHARD (the default) frees a layer's gathered weights after its forward; SHARD_GRAD_OP keeps them."""
+    """Whether a layer's gathered weights are freed after its forward (FULL_SHARD, ZeRO-3-like; the default) or
+    kept until its backward (SHARD_GRAD_OP, ZeRO-2-like), from the accelerate config's environment."""
     strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
-    if strategy not in _RESHARD_AFTER_FORWARD:
+    if strategy not in _SHARDING_STRATEGIES:
         raise ConfigError(
             f"FSDP_SHARDING_STRATEGY {strategy!r} is not supported; use FULL_SHARD or SHARD_GRAD_OP "
             "(HYBRID_SHARD needs a 2-D device mesh, which tether does not build yet)"
         )
-    return _RESHARD_AFTER_FORWARD[strategy]
+    if not _SHARDING_STRATEGIES[strategy]:
+        return False
+    return os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
 
 
 def decoder_layer_names(model: nn.Module) -> set[str]:
@@ -139,10 +143,12 @@ def _options(**kwargs: Any) -> Any:
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole, unsharded state dict of ``model`` on CPU (a collective: call it on every process).
 
-    The main process gets every tensor; the others may get an empty dict.
+    The main process gets every tensor; the others may get an empty dict. An unsharded model's own state dict.
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    if not is_sharded(model):
+        return model.state_dict()
     return get_model_state_dict(model, options=_options())
 
 

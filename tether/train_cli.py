@@ -107,9 +107,11 @@ def train_main(name: str, config_cls: type, trainer_cls: type, argv: Sequence[st
     )
     if resume is not None:
         ckpt = trainer.resume(resume)
-        print(f"resumed from {ckpt} (step {trainer.step})")
+        if trainer.backend.is_main:
+            print(f"resumed from {ckpt} (step {trainer.step})")
     trainer.train()
-    print(f"run directory: {trainer.run_dir}\nfinal model:   {trainer.run_dir / 'final'}")
+    if trainer.backend.is_main:
+        print(f"run directory: {trainer.run_dir}\nfinal model:   {trainer.run_dir / 'final'}")
     return 0
 
 
