@@ -103,9 +103,12 @@ def test_a_killed_rank_stops_the_job_promptly_and_the_last_checkpoint_is_intact(
 
 def test_accelerate_launch_with_the_shipped_fsdp_config_shards_and_saves_a_loadable_model(tmp_path):
     """`accelerate launch --config_file examples/accelerate/fsdp.yaml -m tether grpo ...` (made a 2-process CPU
-    config): the run reads FSDP from accelerate's environment, shards, and final/ loads with from_pretrained."""
+    config): the run reads FSDP from accelerate's environment, shards the policy, the reference and a reward model,
+    and final/ loads with from_pretrained."""
+    import math
+
     import yaml
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2ForSequenceClassification
 
     from tether.toy import make_toy_model, make_toy_prompts
 
@@ -118,8 +121,14 @@ def test_accelerate_launch_with_the_shipped_fsdp_config_shards_and_saves_a_loada
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in make_toy_prompts(16)))
     (tmp_path / "reward.py").write_text("def vowels(prompts, responses, **kw):\n"
                                         "    return [sum(c in 'aeiou' for c in r) / max(len(r), 1) for r in responses]\n")
+    torch.manual_seed(0)  # a tiny reward model, sharded too (shard_frozen_models)
+    rm_config = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2, num_labels=1,
+                           pad_token_id=tok.pad_token_id)
+    GPT2ForSequenceClassification(rm_config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml"),
-           "-m", "tether", "grpo", "--policy", str(tmp_path / "policy"), "--reward", f"{tmp_path}/reward.py:vowels",
+           "-m", "tether", "grpo", "--policy", str(tmp_path / "policy"),
+           "--reward", f"{tmp_path}/reward.py:vowels", "--reward", str(tmp_path / "rm"), "--shard_frozen_models", "true",
            "--prompts", str(tmp_path / "prompts.jsonl"), "--output_dir", str(tmp_path / "run"),
            "--total_episodes", "8", "--rollout_batch_size", "4", "--num_generations", "2", "--mini_batch_size", "8",
            "--micro_batch_size", "2", "--sampling.max_new_tokens", "6", "--device", "cpu",
@@ -132,6 +141,8 @@ def test_accelerate_launch_with_the_shipped_fsdp_config_shards_and_saves_a_loada
     assert done.stdout.count("final model:") == 1  # one process prints, as one writes
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(row["rewards/rm/mean"]) for row in rows)  # the sharded reward model scored
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     assert final.num_parameters() == make_toy_model(tok).num_parameters()
 

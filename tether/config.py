@@ -164,7 +164,8 @@ class RLConfig:
     over the processes with PyTorch FSDP2, one unit per decoder layer. Under `accelerate launch` with an FSDP
     accelerate config, "none" is read as "fsdp". One process ignores it."""
     shard_frozen_models: bool = False
-    """Under sharding "fsdp", shard the reference model too, instead of a whole copy on every process."""
+    """Under sharding "fsdp", shard the frozen models too (the reference and any reward models), instead of a
+    whole copy of each on every process."""
     memory_check: bool = True
     """Before loading anything onto a device, estimate the run's memory (as `tether plan` prints it) and stop
     with advice when it will not fit the device (or the RAM on CPU)."""

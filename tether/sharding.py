@@ -102,11 +102,14 @@ def decoder_layer_names(model: nn.Module) -> set[str]:
     return names
 
 
-def shard_model(model: nn.Module) -> nn.Module:
+def shard_model(model: nn.Module, root: nn.Module | None = None) -> nn.Module:
     """Shard ``model`` in place with FSDP2: each decoder layer a unit, the rest (embeddings, head) the root unit.
 
+    ``root``: the submodule whose forward is called when not the model itself (a reward model's backbone, which
+    tether calls directly to pool at the last token); what lies outside it (the score head) stays whole.
     Gradients are summed over processes (not averaged): tether's loss is already divided by the global count.
     """
+    root = model if root is None else root
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     from tether.models import is_peft_model
@@ -123,11 +126,11 @@ def shard_model(model: nn.Module) -> nn.Module:
             "use sharding: none"
         )
     reshard = reshard_after_forward()
-    for module in list(model.modules()):
+    for module in list(root.modules()):
         if type(module).__name__ in layers:
             fully_shard(module, reshard_after_forward=reshard)
-    fully_shard(model, reshard_after_forward=reshard)
-    for module in model.modules():
+    fully_shard(root, reshard_after_forward=reshard)
+    for module in root.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum

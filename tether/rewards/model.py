@@ -198,7 +198,8 @@ def score_texts(
 
     Texts are re-tokenised with the reward model's own tokenizer (so the policy's tokenizer may differ), run in
     micro-batches of ``batch_size`` sorted by length (less padding; the result does not depend on padding), in
-    eval mode under ``torch.inference_mode()``. See the module docstring for the truncation policy.
+    eval mode under ``torch.no_grad()`` (not inference mode, which a model sharded with FSDP cannot run under). See
+    the module docstring for the truncation policy.
     """
     if batch_size < 1:
         raise RewardError(f"batch_size must be positive, got {batch_size}")
@@ -215,7 +216,7 @@ def score_texts(
     was_training = model.training
     model.eval()  # dropout off while scoring
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 input_ids, mask = pad_right([ids[i] for i in rows], pad_id_of(tokenizer))

@@ -32,10 +32,11 @@ from tether.losses import aggregate, loss_normalizer
 from tether.models import AdapterDisabledReference, load_causal_lm, load_tokenizer
 from tether.ops import masked_mean
 from tether.rewards import Reward, RunningNorm, build_reward
+from tether.rewards.model import uses_last_token_pooling
 from tether.rollout import concat_rollouts
 from tether.run import LoopState, RunOutputs, linear_schedule, report_health
 from tether.sampling import biased_sampling_warning, check_sampling_config
-from tether.sharding import apply_launcher_settings, is_sharded, shard_model
+from tether.sharding import apply_launcher_settings, decoder_layer_names, is_sharded, shard_model
 from tether.types import Rollout
 
 
@@ -162,8 +163,14 @@ def shard_models(config: RLConfig, trained: Iterable[nn.Module], frozen: Iterabl
         shard_model(model)
     if config.shard_frozen_models:
         for model in frozen:
-            if model is not None and not isinstance(model, AdapterDisabledReference):
-                shard_model(model)
+            if model is None or isinstance(model, AdapterDisabledReference):
+                continue  # none, or the policy itself with its adapters off
+            if decoder_layer_names(model):
+                # a decoder reward model is run through its backbone (tether pools the last token itself)
+                root = getattr(model, model.base_model_prefix) if uses_last_token_pooling(model) else model
+                shard_model(model, root)
+            else:
+                print(f"tether: {type(model).__name__} names no layer class to shard; kept whole", file=sys.stderr)
 
 
 def make_loop_state(

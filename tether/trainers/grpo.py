@@ -176,7 +176,7 @@ class GRPOTrainer:
                 model.to(self.device)
         if self.ref_policy is not None:
             self.ref_policy.eval().requires_grad_(False)
-        shard_models(config, trained=(self.policy,), frozen=(self.ref_policy,))
+        shard_models(config, trained=(self.policy,), frozen=(self.ref_policy, *self.reward.models))
 
         total_updates = config.num_steps * config.num_iterations * config.num_mini_batches
         self.state = make_loop_state(

@@ -153,7 +153,8 @@ class PPOTrainer:
             disable_dropout(model)
             model.to(self.device)
         self.ref_policy.eval().requires_grad_(False)
-        shard_models(config, trained=(self.policy, self.value_model), frozen=(self.ref_policy,))
+        frozen = (self.ref_policy, *self.reward.models)
+        shard_models(config, trained=(self.policy, self.value_model), frozen=frozen)
 
         self.model = PolicyAndValue(self.policy, self.value_model)
         total_updates = config.num_steps * config.ppo_epochs * config.num_mini_batches
