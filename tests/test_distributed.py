@@ -18,10 +18,11 @@ SCRIPT = Path(__file__).resolve().parent / "distributed_worker.py"
 
 
 def launch(
-    args: list[str], nproc: int, timeout: float = 300, ok: bool = True
+    args: list[str], nproc: int, timeout: float = 300, ok: bool = True, torchrun: bool | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """The worker under torchrun (by default when nproc > 1), else in a plain process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DIST_TIMEOUT_S": "60"}
-    if nproc == 1:
+    if not (nproc > 1 if torchrun is None else torchrun):
         cmd = [sys.executable, str(SCRIPT), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -33,16 +34,17 @@ def launch(
 
 
 @pytest.mark.parametrize(
-    ("trainer", "sharding"), [("ppo", "none"), ("grpo", "none"), ("ppo", "fsdp"), ("grpo", "fsdp-frozen")]
+    ("trainer", "sharding", "nproc"),
+    [("ppo", "none", 2), ("grpo", "none", 2), ("ppo", "fsdp", 2), ("grpo", "fsdp-frozen", 2), ("ppo", "fsdp", 1)],
 )
-def test_two_processes_update_as_one_process_given_the_same_rollout(tmp_path, trainer, sharding):
+def test_two_processes_update_as_one_process_given_the_same_rollout(tmp_path, trainer, sharding, nproc):
     """2 processes x half of every mini-batch, gradients summed, equals 1 process x the whole mini-batch: with
     whole models on each process, and with the policy (and value model, and the reference when asked) sharded
-    over the two (FSDP2)."""
+    over the two (FSDP2). FSDP also runs in one process under torchrun (one GPU): the same update again."""
     launch(["update", trainer, str(tmp_path / "one")], nproc=1)
-    launch(["update", trainer, str(tmp_path / "two"), sharding], nproc=2)
+    launch(["update", trainer, str(tmp_path / "two"), sharding], nproc=nproc, torchrun=True)
     one, two = (torch.load(tmp_path / name / "update.pt") for name in ("one", "two"))
-    assert (one["world"], two["world"]) == (1, 2)
+    assert (one["world"], two["world"]) == (1, nproc)
     assert one["sharded"] == (False, False)
     assert two["sharded"] == (sharding != "none", sharding == "fsdp-frozen")
     torch.testing.assert_close(two["params"], one["params"], rtol=1e-5, atol=1e-6)

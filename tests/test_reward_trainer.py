@@ -422,9 +422,3 @@ def test_cli_trains_normalises_and_rejects_unknown_fields(
     assert "unknown config key(s) learning_rat" in capsys.readouterr().err
     assert main(["--data", data]) == 2
     assert os.path.isfile(out / "config.yaml")
-
-
-def test_rm_refuses_to_run_under_a_multi_process_launcher(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun / accelerate launch set
-    with pytest.raises(ConfigError, match="one process for now"):
-        RewardTrainer(RewardConfig(model=str(tmp_path), data=str(tmp_path / "pairs.jsonl")))

@@ -140,9 +140,11 @@ class TorchDistributed:
             offset += g.numel()
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        out = values.clone()
+        # NCCL reduces CUDA tensors only: statistics gathered on the CPU travel through this process's GPU.
+        comm = torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+        out = values.to(comm, copy=True)
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        return out.to(values.device)
 
     def barrier(self) -> None:
         dist.barrier()
@@ -166,9 +168,14 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def make_backend() -> Backend:
-    """:class:`TorchDistributed` under a multi-process launcher, else :class:`SingleProcess`."""
-    return TorchDistributed() if launched_distributed() else SingleProcess()
+def make_backend(group_for_one: bool = False) -> Backend:
+    """:class:`TorchDistributed` under a multi-process launcher, else :class:`SingleProcess`.
+
+    ``group_for_one``: a process group of one under a launcher started with one process (what FSDP needs to run
+    on a single device: ``torchrun --nproc_per_node 1`` with ``sharding: fsdp``).
+    """
+    under_launcher = "WORLD_SIZE" in os.environ
+    return TorchDistributed() if launched_distributed() or (group_for_one and under_launcher) else SingleProcess()
 
 
 def rank_slice(n: int, rank: int, world_size: int, what: str) -> slice:

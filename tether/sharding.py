@@ -50,11 +50,18 @@ def model_class(model: nn.Module) -> type[nn.Module]:
     return cls
 
 
-def apply_launcher_settings(config: RLConfig, world_size: int) -> list[str]:
+def accelerate_asks_fsdp() -> bool:
+    """Whether ``accelerate launch`` was given an FSDP config (it says so in the environment)."""
+    strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and strategy not in ("NO_SHARD", "3")
+
+
+def apply_launcher_settings(config: RLConfig, world_size: int, has_group: bool | None = None) -> list[str]:
     """Read what ``accelerate launch`` passes in the environment into ``config``; return what changed.
 
     An FSDP accelerate config turns ``sharding`` to "fsdp" (and NO_SHARD leaves it "none"); its mixed precision
-    sets ``mixed_precision`` when the tether config leaves it "no". A DeepSpeed accelerate config is an error:
+    sets ``mixed_precision`` when the tether config leaves it "no". ``has_group``: whether a process group is
+    open (default: more than one process); FSDP needs one, even of one process under ``torchrun``. A DeepSpeed accelerate config is an error:
     tether shards with FSDP, which covers ZeRO-2 (SHARD_GRAD_OP) and ZeRO-3 (FULL_SHARD).
     """
     changed: list[str] = []
@@ -65,18 +72,16 @@ def apply_launcher_settings(config: RLConfig, world_size: int) -> list[str]:
             "instead (fsdp_sharding_strategy FULL_SHARD shards like ZeRO-3, SHARD_GRAD_OP like ZeRO-2), or set "
             "sharding: fsdp under torchrun - see docs/distributed.md"
         )
-    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and config.sharding == "none":
-        strategy = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
-        if strategy not in ("NO_SHARD", "3"):
-            config.sharding = "fsdp"
-            changed.append("sharding=fsdp (accelerate FSDP config)")
+    if accelerate_asks_fsdp() and config.sharding == "none":
+        config.sharding = "fsdp"
+        changed.append("sharding=fsdp (accelerate FSDP config)")
     precision = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if precision in ("bf16", "fp16") and config.mixed_precision == "no":
         config.mixed_precision = precision  # type: ignore[assignment]
         changed.append(f"mixed_precision={precision} (accelerate config)")
-    if config.sharding == "fsdp" and world_size == 1:
+    if config.sharding == "fsdp" and not (has_group if has_group is not None else world_size > 1):
         config.sharding = "none"
-        changed.append("sharding=none (one process: nothing to shard over)")
+        changed.append("sharding=none (one process without a launcher: nothing to shard over)")
     return changed
 
 

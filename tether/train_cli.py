@@ -59,9 +59,11 @@ def resume_base(name: str, given: dict[str, str], argv: list[str]) -> tuple[list
 
 
 def parse_train_args(
-    name: str, config_cls: type, argv: Sequence[str]
+    name: str, config_cls: type, argv: Sequence[str], required: Sequence[str] = ("policy", "prompts", "reward")
 ) -> tuple[Any, dict[str, Any], str | None]:
-    """(config, {"policy", "prompts", "tokenizer", "reward"}, resume directory or None) from the command line."""
+    """(config, {"policy", "prompts", "tokenizer", "reward"}, resume directory or None) from the command line.
+
+    ``required``: the inputs that must be given (``tether plan`` reads the config and the policy alone)."""
     from tether.presets import preset_path
 
     rewards, rest = take_repeated(list(argv), "reward")
@@ -80,14 +82,15 @@ def parse_train_args(
     if not rewards and "reward" in saved:
         rewards = saved["reward"] if isinstance(saved["reward"], list) else [saved["reward"]]
     for key in ("policy", "prompts"):
-        if key not in extra:
+        if key in required and key not in extra:
             raise ConfigError(f"tether {name} needs --{key}")
-    if not rewards:
+    if not rewards and "reward" in required:
         raise ConfigError(
             f"tether {name} needs --reward (a reward-model directory, FILE.py:FUNCTION or a built-in)"
         )
     # The trainer builds the reward from the config (weights, baseline, device), so config.yaml describes the run.
-    extra["reward"] = rewards if len(rewards) > 1 else rewards[0]
+    if rewards:
+        extra["reward"] = rewards if len(rewards) > 1 else rewards[0]
     return cfg, extra, resume
 
 
@@ -176,13 +179,17 @@ def rm_main(argv: Sequence[str]) -> int:
         if config.model is None or config.data is None:
             raise ConfigError("--model and --data are required (or set model/data in the --config file)")
         trainer = RewardTrainer(config)
+        main = trainer.backend.is_main  # under a launcher, one process prints
         if resume is not None:
-            print(f"resumed from {trainer.resume(resume)} (step {trainer.step})")
+            ckpt = trainer.resume(resume)
+            if main:
+                print(f"resumed from {ckpt} (step {trainer.step})")
         trainer.train()
     except (ConfigError, DataError, RewardError, OSError) as err:
         print(f"tether rm: error: {err}", file=sys.stderr)
         return 2
-    print(f"reward model saved to {os.path.join(config.output_dir, 'final')}")
-    if trainer.report_path is not None:
-        print(f"report:               {trainer.report_path}")
+    if main:
+        print(f"reward model saved to {os.path.join(config.output_dir, 'final')}")
+        if trainer.report_path is not None:
+            print(f"report:               {trainer.report_path}")
     return 0

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tether.backend import (
     Backend,
     SingleProcess,
+    TorchDistributed,
     enable_gradient_checkpointing,
     make_backend,
     make_grad_scaler,
@@ -36,7 +37,13 @@ from tether.rewards.model import uses_last_token_pooling
 from tether.rollout import concat_rollouts
 from tether.run import LoopState, RunOutputs, linear_schedule, report_health
 from tether.sampling import biased_sampling_warning, check_sampling_config
-from tether.sharding import apply_launcher_settings, decoder_layer_names, is_sharded, shard_model
+from tether.sharding import (
+    accelerate_asks_fsdp,
+    apply_launcher_settings,
+    decoder_layer_names,
+    is_sharded,
+    shard_model,
+)
 from tether.types import Rollout
 
 
@@ -64,8 +71,8 @@ def load_rl_inputs(
     warning = biased_sampling_warning(config.sampling)
     if warning:
         print(warning, file=sys.stderr)
-    backend = make_backend()
-    for change in apply_launcher_settings(config, backend.world_size):
+    backend = make_backend(group_for_one=config.sharding == "fsdp" or accelerate_asks_fsdp())
+    for change in apply_launcher_settings(config, backend.world_size, isinstance(backend, TorchDistributed)):
         if backend.is_main:
             print(f"tether: {change}", file=sys.stderr)
     check_world_size(config, backend.world_size)

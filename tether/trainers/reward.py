@@ -10,9 +10,16 @@ The run directory is the RL trainers' (:mod:`tether.run`): a fresh run refuses a
 ``from_pretrained``) and the trainer state, and ``RewardTrainer.resume`` / ``tether rm --resume RUN_DIR``
 continue from the newest checkpoint exactly as if the run had not stopped.
 
-Batch vocabulary (TRL names in brackets): ``batch_size`` pairs per optimiser step
-[per_device_train_batch_size * gradient_accumulation_steps], ``micro_batch_size`` pairs per forward/backward
-[per_device_train_batch_size]; ``gradient_accumulation_steps`` is derived.
+Batch vocabulary (TRL names in brackets): ``batch_size`` pairs per optimiser step over every process
+[per_device_train_batch_size * gradient_accumulation_steps * num_processes], ``micro_batch_size`` pairs per
+forward/backward in one process [per_device_train_batch_size]; ``gradient_accumulation_steps`` is derived.
+
+Under ``torchrun`` / ``accelerate launch`` (:mod:`tether.backend`) every process draws the same shuffled order,
+takes its share of each batch and divides its loss by the *whole* batch's pair count, so the gradients summed
+over the processes are the one-process gradient; the statistics (and the evaluation, each process scoring its
+share of the held-out pairs) are sums reduced over the processes. The number of processes changes nothing but
+speed (with dropout off, the default); only rank 0 writes the run directory, and a checkpoint holds no
+per-process state, so a run resumes under any number of processes.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 import yaml
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tether.backend import launched_distributed
+from tether.backend import Backend, SingleProcess, make_backend, on_main
 from tether.checkpoint import (
     latest_checkpoint,
     load_policy_weights,
@@ -38,7 +45,7 @@ from tether.checkpoint import (
 from tether.config import ConfigError, save_yaml, to_dict
 from tether.data import DataError
 from tether.logging import ConsoleLogger, MultiLogger, build_loggers
-from tether.models import disable_dropout, pick_device
+from tether.models import disable_dropout
 from tether.rewards.data import PreferenceData, load_preferences, load_samples, split_indices
 from tether.rewards.losses import bradley_terry_loss
 from tether.rewards.model import (
@@ -91,9 +98,11 @@ class RewardConfig:
     num_epochs: int = 1
     """Passes over the training pairs."""
     batch_size: int = 16
-    """Pairs per optimiser step (TRL: per_device_train_batch_size * gradient_accumulation_steps)."""
+    """Pairs per optimiser step over every process (TRL: per_device_train_batch_size *
+    gradient_accumulation_steps * num_processes); each of N processes takes batch_size / N of them."""
     micro_batch_size: int = 8
-    """Pairs per forward/backward (TRL: per_device_train_batch_size); must divide batch_size."""
+    """Pairs per forward/backward in one process (TRL: per_device_train_batch_size); must divide
+    batch_size / N."""
     max_length: int | None = None
     """Token limit per text; longer texts are cut from the left. None: the model's context, longer is an error."""
     eval_fraction: float = 0.1
@@ -140,8 +149,32 @@ class RewardConfig:
 
     @property
     def gradient_accumulation_steps(self) -> int:
-        """Micro-batches per optimiser step."""
+        """Micro-batches per optimiser step in one process (each of N processes runs this / N)."""
         return self.batch_size // self.micro_batch_size
+
+
+def check_world_size(config: RewardConfig, world_size: int) -> None:
+    """batch_size is global: each of ``world_size`` processes takes an equal share, in whole micro-batches."""
+    if config.batch_size % world_size:
+        raise ConfigError(
+            f"batch_size ({config.batch_size}) must be divisible by the number of processes ({world_size}): it "
+            "counts the pairs of an optimiser step over every process (micro_batch_size is per process)"
+        )
+    share = config.batch_size // world_size
+    if share % config.micro_batch_size:
+        raise ConfigError(
+            f"each of the {world_size} processes takes {share} of the batch_size of {config.batch_size} pairs, "
+            f"which must be a multiple of micro_batch_size ({config.micro_batch_size})"
+        )
+
+
+def pair_share(n: int, rank: int, world_size: int) -> slice:
+    """The contiguous share of ``n`` pairs that ``rank`` handles: :func:`tether.backend.rank_slice`'s when
+    ``n`` divides by ``world_size`` (every full batch); otherwise (an epoch's short last batch, the held-out
+    pairs) the first ``n % world_size`` processes take one pair more, and a share may be empty."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
 
 
 class EncodedPairs(NamedTuple):
@@ -191,55 +224,88 @@ def score_pairs(model: PreTrainedModel, pairs: EncodedPairs, rows: Sequence[int]
 
 
 def evaluate(
-    model: PreTrainedModel, pairs: EncodedPairs, micro_batch_size: int, pad_id: int
+    model: PreTrainedModel,
+    pairs: EncodedPairs,
+    micro_batch_size: int,
+    pad_id: int,
+    backend: Backend | None = None,
 ) -> dict[str, float]:
-    """``eval/loss``, ``eval/accuracy`` and ``eval/margin_mean`` (mean r_chosen - r_rejected) over all pairs."""
+    """``eval/loss``, ``eval/accuracy`` and ``eval/margin_mean`` (mean r_chosen - r_rejected) over all pairs.
+
+    With several processes each scores its share of the pairs; the sums are reduced over the processes, so every
+    process returns the one-process values.
+    """
+    backend = backend or SingleProcess()
+    device = next(model.parameters()).device
+    n = len(pairs.chosen)
+    mine = range(n)[pair_share(n, backend.rank, backend.world_size)]
     was_training = model.training
     model.eval()
     chosen, rejected, margins = [], [], []
     with torch.inference_mode():
-        for start in range(0, len(pairs.chosen), micro_batch_size):
-            out = score_pairs(
-                model, pairs, range(start, min(start + micro_batch_size, len(pairs.chosen))), pad_id
-            )
+        for start in range(0, len(mine), micro_batch_size):
+            out = score_pairs(model, pairs, mine[start : start + micro_batch_size], pad_id)
             chosen.append(out.chosen)
             rejected.append(out.rejected)
             if out.margins is not None:
                 margins.append(out.margins)
     model.train(was_training)
-    c, r = torch.cat(chosen), torch.cat(rejected)
-    result = bradley_terry_loss(c, r, torch.cat(margins) if margins else None)
-    return {
-        "eval/loss": result.loss.item(),
-        "eval/accuracy": result.accuracy.item(),
-        "eval/margin_mean": (c - r).mean().item(),
-    }
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, margin summed over my pairs
+    if mine:
+        c, r = torch.cat(chosen), torch.cat(rejected)
+        result = bradley_terry_loss(c, r, torch.cat(margins) if margins else None)
+        # means times counts: in one process, x * n / n gives back the float32 mean exactly
+        means = [result.loss.item(), result.accuracy.item(), (c - r).mean().item()]
+        sums = torch.tensor(means, dtype=torch.float64, device=device) * len(mine)
+    loss, correct, margin = (backend.all_reduce_sum(sums) / n).tolist()
+    return {"eval/loss": loss, "eval/accuracy": correct, "eval/margin_mean": margin}
 
 
 class StepStats(NamedTuple):
-    """Mean Bradley–Terry loss and accuracy over the pairs of one optimiser step."""
+    """Bradley–Terry loss and accuracy of the pairs of one optimiser step, summed over them and divided by the
+    step's pair count (the mean in one process; one process's part of the mean with several)."""
 
     loss: float
     accuracy: float
 
 
 def accumulate_gradients(
-    model: PreTrainedModel, pairs: EncodedPairs, rows: Sequence[int], micro_batch_size: int, pad_id: int
+    model: PreTrainedModel,
+    pairs: EncodedPairs,
+    rows: Sequence[int],
+    micro_batch_size: int,
+    pad_id: int,
+    total: int | None = None,
 ) -> StepStats:
-    """Backpropagate the mean Bradley–Terry loss over ``rows`` in micro-batches of ``micro_batch_size`` pairs.
+    """Backpropagate the Bradley–Terry loss of ``rows``, summed and divided by ``total`` pairs (default: the
+    mean over ``rows``), in micro-batches of ``micro_batch_size`` pairs.
 
-    Each micro-batch's mean loss is weighted by its share of the rows, so ``.grad`` ends up holding the gradient
-    of the mean over all rows whatever the micro-batch size, also when the last micro-batch is shorter.
+    Each micro-batch's mean loss is weighted by its share of ``total``, so ``.grad`` holds the same gradient
+    whatever the micro-batch size, also when the last micro-batch is shorter. A process given its share of a
+    batch and the whole batch's size as ``total`` gets its part of the batch gradient and statistics: summed
+    over the processes, they are the one-process values.
     """
+    total = len(rows) if total is None else total
     loss_sum = correct_sum = 0.0
     for start in range(0, len(rows), micro_batch_size):
         micro = rows[start : start + micro_batch_size]
         out = score_pairs(model, pairs, micro, pad_id)
         result = bradley_terry_loss(out.chosen, out.rejected, out.margins)
-        (result.loss * (len(micro) / len(rows))).backward()
+        (result.loss * (len(micro) / total)).backward()
         loss_sum += result.loss.item() * len(micro)
         correct_sum += result.accuracy.item() * len(micro)
-    return StepStats(loss=loss_sum / len(rows), accuracy=correct_sum / len(rows))
+    return StepStats(loss=loss_sum / total, accuracy=correct_sum / total)
+
+
+def zero_gradients(model: PreTrainedModel, pairs: EncodedPairs, row: int, pad_id: int) -> StepStats:
+    """Zero gradients in the buffers a backward pass fills, from one pair scored with weight 0.
+
+    A process whose share of an epoch's short last batch is empty still joins the gradient all-reduce, which
+    needs the same gradient buffers on every process; it adds nothing to the sum or to the statistics.
+    """
+    out = score_pairs(model, pairs, [row], pad_id)
+    (bradley_terry_loss(out.chosen, out.rejected, out.margins).loss * 0.0).backward()
+    return StepStats(loss=0.0, accuracy=0.0)
 
 
 def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float | None) -> float:
@@ -302,20 +368,16 @@ class RewardTrainer:
         train_data: Any = None,
         eval_data: Any = None,
     ) -> None:
-        if launched_distributed():
-            # Every process would train its own copy and write the same files: refuse rather than mix them.
-            raise ConfigError(
-                "tether rm runs in one process for now; start it without torchrun / accelerate launch "
-                "(the RL trainers, tether ppo and tether grpo, run under them)"
-            )
         self.config = cfg = config
+        self.backend = make_backend()
+        check_world_size(cfg, self.backend.world_size)
         self.run_dir = Path(cfg.output_dir)
         self.report_path: Path | None = None  # run_dir/report.html once train() has written it
-        torch.manual_seed(cfg.seed)  # a causal LM gets a new, seeded score head
+        torch.manual_seed(cfg.seed)  # a causal LM gets a new, seeded score head, the same in every process
         source = model if model is not None else cfg.model
         if source is None:
             raise ConfigError("no model: pass model=... or set config.model")
-        self.device = pick_device(cfg.device)
+        self.device = self.backend.device(cfg.device)
         self.model = as_trainable_reward_model(source).to(self.device)
         if tokenizer is None:
             if not isinstance(source, str):
@@ -394,20 +456,43 @@ class RewardTrainer:
             self.run_dir, state.step, self.model, self.tokenizer, state.state_dict(), cfg.save_total_limit
         )
 
+    def _write_run_files(self) -> None:
+        """``config.yaml`` and ``inputs.yaml`` (the main process's part of opening the run directory)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(self.config, self.run_dir / "config.yaml")
+        if self.inputs:
+            (self.run_dir / INPUTS_FILE).write_text(yaml.safe_dump(self.inputs, sort_keys=False))
+
+    def _gradients(self, batch: Sequence[int]) -> StepStats:
+        """The gradient and statistics of one optimiser step's ``batch`` of pairs, summed over the processes.
+
+        This process backpropagates its share, the loss divided by the whole batch's pair count; the sums over
+        the processes are then the one-process gradient and mean statistics.
+        """
+        cfg, backend = self.config, self.backend
+        mine = batch[pair_share(len(batch), backend.rank, backend.world_size)]
+        if mine:
+            stats = accumulate_gradients(
+                self.model, self.train_pairs, mine, cfg.micro_batch_size, self.pad_id, total=len(batch)
+            )
+        else:
+            stats = zero_gradients(self.model, self.train_pairs, batch[0], self.pad_id)
+        backend.all_reduce_grads([p for p in self.model.parameters() if p.requires_grad])
+        summed = backend.all_reduce_sum(torch.tensor(stats, dtype=torch.float64, device=self.device))
+        return StepStats(*summed.tolist())
+
     def train(self) -> list[dict[str, float]]:
         """Run the training loop; returns the metrics records it logged (each with a ``"step"`` key).
 
-        A resumed run returns the records from the checkpoint on; ``metrics.jsonl`` holds the whole run.
+        A resumed run returns the records from the checkpoint on; ``metrics.jsonl`` holds the whole run. Every
+        process returns the same records; only the main process writes them.
         """
-        cfg, model, state = self.config, self.model, self.state
+        cfg, model, state, backend = self.config, self.model, self.state, self.backend
         resumed = self._resumed_from is not None
         if not resumed:
-            claim_run_dir(self.run_dir, cfg.overwrite_output_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, self.run_dir / "config.yaml")
-        if self.inputs:
-            (self.run_dir / INPUTS_FILE).write_text(yaml.safe_dump(self.inputs, sort_keys=False))
-        loggers = _loggers(cfg, self.run_dir, start_step=state.step if resumed else None)
+            on_main(backend, claim_run_dir, self.run_dir, cfg.overwrite_output_dir)
+        on_main(backend, self._write_run_files)
+        loggers = _loggers(cfg, self.run_dir, state.step if resumed else None, backend.is_main)
         optimizer, scheduler = state.optimizer, state.scheduler
         n_train = len(self.train_pairs.chosen)
         history: list[dict[str, float]] = []
@@ -417,12 +502,10 @@ class RewardTrainer:
                 if not state.order:  # a new epoch (a run resumed mid-epoch goes on with the order it saved)
                     state.order = torch.randperm(n_train, generator=state.generator).tolist()
                 while state.position < n_train:
-                    # 1. the pairs of this optimiser step
+                    # 1. the pairs of this optimiser step (the same on every process)
                     batch = state.order[state.position : state.position + cfg.batch_size]
-                    # 2. forward/backward in micro-batches (gradients accumulate in .grad)
-                    stats = accumulate_gradients(
-                        model, self.train_pairs, batch, cfg.micro_batch_size, self.pad_id
-                    )
+                    # 2. forward/backward of this process's share in micro-batches, summed over the processes
+                    stats = self._gradients(batch)
                     # 3. clip, update
                     grad_norm = clip_gradients(model.parameters(), cfg.max_grad_norm)
                     learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step used
@@ -443,13 +526,16 @@ class RewardTrainer:
                         state.step % cfg.eval_steps == 0 if cfg.eval_steps else state.position >= n_train
                     )
                     if self.eval_pairs is not None and (eval_due or state.step == self.total_steps):
-                        metrics.update(evaluate(model, self.eval_pairs, cfg.micro_batch_size, self.pad_id))
+                        metrics.update(
+                            evaluate(model, self.eval_pairs, cfg.micro_batch_size, self.pad_id, backend)
+                        )
                     loggers.log_metrics(metrics, state.step)
                     history.append({"step": state.step, **metrics})
                     if cfg.save_steps and state.step % cfg.save_steps == 0:
-                        self._checkpoint()
+                        on_main(backend, self._checkpoint)
                 state.epoch, state.order, state.position = state.epoch + 1, [], 0
-            # 5. normalise on reference-policy samples (optional), then save final/
+            # 5. normalise on reference-policy samples (optional; every process, so all hold the same model),
+            #    then save final/
             if cfg.normalize_data is not None:
                 prompts, responses, _ = load_samples(cfg.normalize_data)
                 gain, bias = normalize_reward_model(
@@ -462,10 +548,11 @@ class RewardTrainer:
                 )
                 loggers.log_metrics({"normalize/gain": gain, "normalize/bias": bias}, state.step)
                 history.append({"step": state.step, "normalize/gain": gain, "normalize/bias": bias})
-            finish_run(model, self.tokenizer, self.run_dir)
+            on_main(backend, finish_run, model, self.tokenizer, self.run_dir)
         finally:
             loggers.close()
-        self.report_path = write_report(self.run_dir, cfg.report)  # after close(): it reads metrics.jsonl
+        # after close(): the report reads metrics.jsonl
+        self.report_path = on_main(backend, write_report, self.run_dir, cfg.report)
         return history
 
 
@@ -499,11 +586,12 @@ class RewardConsole:
         self.line.close()
 
 
-def _loggers(cfg: RewardConfig, run_dir: Path, start_step: int | None) -> MultiLogger:
-    """The run's loggers; ``start_step`` (a resumed run's step) drops records logged after its checkpoint."""
+def _loggers(cfg: RewardConfig, run_dir: Path, start_step: int | None, is_main: bool) -> MultiLogger:
+    """The run's loggers (no-ops in a process other than the main one); ``start_step`` (a resumed run's step)
+    drops records logged after its checkpoint."""
     backends = [name for name in cfg.report_to if name != "console"]
-    loggers = build_loggers(backends, run_dir, to_dict(cfg), start_step=start_step)
-    if "console" in cfg.report_to:
+    loggers = build_loggers(backends, run_dir, to_dict(cfg), is_main_process=is_main, start_step=start_step)
+    if "console" in cfg.report_to and is_main:
         return MultiLogger([*loggers.loggers, RewardConsole(cfg.logging_steps)])
     return loggers
 
