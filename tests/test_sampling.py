@@ -149,3 +149,38 @@ def test_generate_ignores_the_models_own_generation_defaults(toy) -> None:
     assert model.generation_config.top_k == 5
     assert model.generation_config.top_p == 0.5
     assert model.generation_config.repetition_penalty == 2.0
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SamplingConfig(max_new_tokens=20),
+        SamplingConfig(max_new_tokens=20, temperature=0.7),
+        SamplingConfig(max_new_tokens=20, top_k=6, min_new_tokens=5, allow_biased=True),
+        SamplingConfig(max_new_tokens=20, top_p=0.8, temperature=1.3, allow_biased=True),
+    ],
+    ids=["pure", "temperature", "top_k+min_new_tokens", "top_p"],
+)
+def test_the_lean_sampling_loop_draws_generates_tokens_and_keeps_their_logprobs(toy, cfg) -> None:
+    """tether's loop (KV cache, one logprob per token) gives transformers' generate's tokens for the same seed,
+    and the logprobs of generate's processed scores, on left-padded prompts of several lengths."""
+    from tether.logprobs import selective_log_softmax
+    from tether.sampling import sample
+
+    tokenizer, model = toy
+    eos, pad = tokenizer.eos_token_id, tokenizer.unk_token_id  # a pad distinct from EOS
+    enc = tokenizer(["abc", "hello there", "xy", "a"] * 6, return_tensors="pt", padding=True)
+    P = enc.input_ids.shape[1]
+    torch.manual_seed(3)
+    ref = generate(model, enc.input_ids, enc.attention_mask, cfg, eos, pad, output_scores=True)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        tokens, logprobs = sample(model, enc.input_ids, enc.attention_mask, cfg, [eos], pad)
+    assert torch.equal(tokens, ref.sequences[:, P:])
+    assert ((tokens == eos).any(-1)).sum() >= 3  # some rows stopped early: padding after EOS was exercised
+    assert ref.scores is not None and logprobs is not None
+    expected = selective_log_softmax(torch.stack(ref.scores, dim=1), tokens, 1.0)
+    live = tokens != pad
+    torch.testing.assert_close(logprobs[live], expected[live], rtol=0, atol=1e-5)
+    if cfg.min_new_tokens:
+        assert not (tokens[:, : cfg.min_new_tokens] == eos).any()

@@ -158,9 +158,18 @@ def on_main(backend: Backend, fn: Callable[..., T], *args: Any) -> T | None:
 
 
 def close_process_group() -> None:
-    """Destroy the default process group if one is open."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Destroy the default process group if one is open, after the other processes are done with it.
+
+    Without the barrier, a gloo process that tears its connections down while another still uses them can abort
+    the other ("terminate called without an active exception") after a run that finished. The barrier waits at
+    most 30 s, so a process whose peers died still exits.
+    """
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        with contextlib.suppress(Exception):
+            dist.monitored_barrier(timeout=timedelta(seconds=30))
+    dist.destroy_process_group()
 
 
 def launched_distributed() -> bool:

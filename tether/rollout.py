@@ -26,7 +26,7 @@ from tether.logprobs import (
     response_logits,
     selective_log_softmax,
 )
-from tether.sampling import SamplingConfig, check_sampling_config, generate, truncate_at_eos
+from tether.sampling import SamplingConfig, check_sampling_config, generate, sample, truncate_at_eos
 from tether.sharding import is_sharded
 from tether.types import Rollout
 
@@ -120,24 +120,26 @@ class HFGenerator:
         P = prompt_ids.shape[1]
         self.model.eval()
         pad = self.tokenizer.pad_token_id
-        gen = generate(
-            self.model,
-            prompt_ids,
-            prompt_mask,
-            self.sampling,
-            self._eos,
-            pad,
-            output_scores=self.keep_logprobs,
-            synced=is_sharded(self.model),
-        )
-        cut = truncate_at_eos(gen.sequences[:, P:], self._eos, pad)
+        synced = is_sharded(self.model)
+        logprobs = None
+        if self.sampling.engine == "tether":
+            sampled, logprobs = sample(
+                self.model, prompt_ids, prompt_mask, self.sampling, self._eos, pad, self.keep_logprobs, synced
+            )
+        else:
+            gen = generate(
+                self.model, prompt_ids, prompt_mask, self.sampling, self._eos, pad, self.keep_logprobs, synced
+            )
+            sampled = gen.sequences[:, P:]
+            if gen.scores is not None:
+                # generate()'s scores are the processed (warped, temperature-scaled) logits it sampled from.
+                scores = torch.stack(gen.scores, dim=1)  # [B, T, V]
+                logprobs = selective_log_softmax(scores, sampled, 1.0)
+        cut = truncate_at_eos(sampled, self._eos, pad)
         T = max(int(cut.response_mask.sum(-1).max().item()), 1)  # drop columns that are padding everywhere
         response_ids, response_mask = cut.response_ids[:, :T], cut.response_mask[:, :T]
-        logprobs = None
-        if gen.scores is not None:
-            # generate()'s scores are the processed (warped, temperature-scaled) logits it sampled from.
-            scores = torch.stack(gen.scores[:T], dim=1)  # [B, T, V]
-            logprobs = selective_log_softmax(scores, response_ids, 1.0).masked_fill(~response_mask, 0.0)
+        if logprobs is not None:
+            logprobs = logprobs[:, :T].masked_fill(~response_mask, 0.0)
         return Generation(prompt_ids, prompt_mask, response_ids, response_mask, cut.has_eos, logprobs)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -49,6 +49,10 @@ class SamplingConfig:
     """False (greedy decoding) is refused: greedy tokens are not samples of the policy, so no KL estimate holds."""
     num_beams: int = 1
     """Beam search (> 1) is refused for the same reason."""
+    engine: Literal["tether", "hf"] = "tether"
+    """The sampling loop: "tether" (a lean loop over the model's KV cache that keeps only each sampled token's
+    logprob; the same tokens as transformers' generate for the same seed) or "hf" (transformers' generate, which
+    stacks a [B, T, V] tensor of scores to read them)."""
     allow_biased: bool = False
     """Opt in to top_k / top_p / min_new_tokens. The PPO ratio then uses the logprobs of the distribution
     actually sampled from (the same warps applied in the training forward), and the KL penalty must use an
@@ -123,16 +127,18 @@ def biased_sampling_warning(cfg: SamplingConfig) -> str | None:
     )
 
 
-def warp_logits(logits: torch.Tensor, cfg: SamplingConfig, eos_token_ids: Sequence[int]) -> torch.Tensor:
+def warp_logits(
+    logits: torch.Tensor, cfg: SamplingConfig, eos_token_ids: Sequence[int], offset: int = 0
+) -> torch.Tensor:
     """Apply the sampling warps of ``cfg`` to response logits, exactly as ``generate`` does.
 
-    logits [B, T, V] (position t predicts response token t) -> float32 [B, T, V] whose log-softmax is the
-    distribution tokens were sampled from. Same order and tie rules as transformers' processors:
+    logits [B, T, V] (position t predicts response token ``offset + t``) -> float32 [B, T, V] whose log-softmax is
+    the distribution tokens were sampled from. Same order and tie rules as transformers' processors:
     min_new_tokens (EOS -> -inf while t < min_new_tokens), temperature, top-k, top-p (keeping >= 1 token).
     """
     out = logits.float()
     if cfg.min_new_tokens:
-        early = torch.arange(out.shape[1], device=out.device) < cfg.min_new_tokens  # [T]
+        early = torch.arange(offset, offset + out.shape[1], device=out.device) < cfg.min_new_tokens  # [T]
         eos = torch.zeros(out.shape[-1], dtype=torch.bool, device=out.device)
         eos[list(eos_token_ids)] = True
         out = out.masked_fill(early[None, :, None] & eos[None, None, :], float("-inf"))
@@ -222,6 +228,71 @@ def generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg, synced_gpus=synced
         )
     return Generated(out.sequences, out.scores if output_scores else None)
+
+
+def sample(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cfg: SamplingConfig,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    keep_logprobs: bool = True,
+    synced: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sample responses for left-padded prompts [B, P]: tokens [B, T'] and, if kept, their logprobs [B, T'].
+
+    The loop ``generate`` runs for these settings, without its per-step machinery: one prompt forward that fills
+    the KV cache, then one token per step, warped as :func:`warp_logits` warps and drawn with the same
+    ``softmax`` + ``multinomial`` calls, so a seed gives generate's tokens. Only the sampled token's logprob under
+    the warped distribution is kept (never a [B, T, V] stack). A row that has emitted EOS gets padding; the loop
+    stops when every row has (every row of every process when ``synced``) or after ``max_new_tokens``.
+    """
+    from transformers import DynamicCache
+
+    B = input_ids.shape[0]
+    device = input_ids.device
+    eos = torch.tensor(list(eos_token_ids), device=device)
+    mask = attention_mask.long()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate computes them for left padding
+    cache = DynamicCache()
+    logits = model(
+        input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+    ).logits[:, -1]
+    position = positions[:, -1:]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens: list[torch.Tensor] = []
+    logprobs: list[torch.Tensor] = []
+    for t in range(cfg.max_new_tokens):
+        scores = warp_logits(logits[:, None], cfg, eos_token_ids, offset=t)[:, 0]  # [B, V] float32
+        token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+        token = token.masked_fill(done, pad_token_id)
+        tokens.append(token)
+        if keep_logprobs:
+            logprobs.append(scores.log_softmax(-1).gather(-1, token[:, None]).squeeze(1))
+        done |= torch.isin(token, eos)
+        if t + 1 == cfg.max_new_tokens or _all_done(done, synced):
+            break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        position = position + 1
+        logits = model(
+            input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+        ).logits[:, -1]
+    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1) if keep_logprobs else None
+
+
+def _all_done(done: torch.Tensor, synced: bool) -> bool:
+    """Whether every row has finished; with ``synced``, every row of every process (a sharded model needs
+    every process in every forward)."""
+    if not synced:
+        return bool(done.all())
+    import torch.distributed as dist
+
+    unfinished = (~done).any().to(torch.float32).reshape(1)
+    if dist.get_backend() == "nccl" and unfinished.device.type != "cuda":
+        unfinished = unfinished.cuda()
+    dist.all_reduce(unfinished)
+    return bool(unfinished.item() == 0)
 
 
 class Truncated(NamedTuple):
