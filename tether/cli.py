@@ -1,4 +1,4 @@
-"""The ``tether`` command line: ``tether ppo | grpo | sample | rm | demo | check-reward | report``."""
+"""The ``tether`` command line: ``tether ppo | grpo | sample | rm | demo | check-reward | report | plan``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ commands:
   rm            train a reward model (Bradley-Terry) on preference pairs
   check-reward  sanity-check a reward model or function before RL
   report        build an HTML report from one or more run directories
+  plan          estimate a run's memory before starting it: tether plan --config run.yaml --policy DIR
+                [--algo ppo|grpo] [--world_size N] [--field value ...]; exit 1 when it will not fit
 
 Run `tether <command> --help` for the options of one command.
 """
@@ -67,6 +69,12 @@ def _report(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
+def _plan(argv: Sequence[str]) -> int:
+    from tether.plan import main
+
+    return main(list(argv))
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "ppo": _ppo,
     "grpo": _grpo,
@@ -75,6 +83,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "demo": _demo,
     "check-reward": _check_reward,
     "report": _report,
+    "plan": _plan,
 }
 
 

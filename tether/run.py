@@ -65,7 +65,11 @@ def input_specs(**inputs: Any) -> dict[str, str | list[str]]:
         path, sep, fn = text.rpartition(":")
         if not (sep and path.endswith(".py")):  # a directory or file, not "file.py:function"
             path, sep, fn = text, "", ""
-        return str(Path(path).resolve()) + sep + fn if Path(path).exists() else text
+        try:
+            exists = Path(path).exists()
+        except OSError:  # not a path at all (a prompt longer than a file name may be)
+            exists = False
+        return str(Path(path).resolve()) + sep + fn if exists else text
 
     out: dict[str, str | list[str]] = {}
     for name, value in inputs.items():

@@ -11,6 +11,7 @@ driving the KL negative instead of learning the reward (TRL Training FAQ, "negat
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -256,8 +257,16 @@ def sample(
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate computes them for left padding
     cache = DynamicCache()
+    # the LM head on the last prompt position only (as generate does), not a [B, P, V] tensor of logits
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
     logits = model(
-        input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        **last_only,
     ).logits[:, -1]
     position = positions[:, -1:]
     done = torch.zeros(B, dtype=torch.bool, device=device)

@@ -32,6 +32,7 @@ from tether.logprobs import PolicyForward, response_logits
 from tether.losses import aggregate, loss_normalizer
 from tether.models import AdapterDisabledReference, load_causal_lm, load_tokenizer
 from tether.ops import masked_mean
+from tether.plan import check_memory_at_start
 from tether.rewards import Reward, RunningNorm, build_reward
 from tether.rewards.model import uses_last_token_pooling
 from tether.rollout import concat_rollouts
@@ -61,12 +62,14 @@ class RLInputs(NamedTuple):
 
 def load_rl_inputs(
     config: RLConfig,
+    algo: str,
     policy: str | Path | PreTrainedModel,
     reward: Any,
     prompts: Any,
     tokenizer: str | Path | PreTrainedTokenizerBase | None,
 ) -> RLInputs:
-    """Check the sampling settings, seed, then load the policy, tokenizer, prompts (chat-rendered) and reward."""
+    """Check the sampling settings and the memory plan, seed, then load the policy, tokenizer, prompts
+    (chat-rendered) and reward. ``algo``: "ppo" or "grpo" (which models the memory plan counts)."""
     check_sampling_config(config.sampling)
     warning = biased_sampling_warning(config.sampling)
     if warning:
@@ -77,6 +80,7 @@ def load_rl_inputs(
             print(f"tether: {change}", file=sys.stderr)
     check_world_size(config, backend.world_size)
     device = backend.device(config.device)
+    check_memory_at_start(config, algo, policy, backend.world_size, device, reward=reward)  # before loading
     torch.manual_seed(config.seed)
     model = load_causal_lm(policy)
     if config.gradient_checkpointing:

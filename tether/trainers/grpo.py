@@ -158,7 +158,7 @@ class GRPOTrainer:
         ref_policy: PreTrainedModel | None = None,
     ) -> None:
         self.config = config
-        inputs = load_rl_inputs(config, policy, reward, prompts, tokenizer)
+        inputs = load_rl_inputs(config, "grpo", policy, reward, prompts, tokenizer)
         self.backend, self.device = inputs.backend, inputs.device
         self.policy, self.tokenizer = inputs.policy, inputs.tokenizer
         self.data, self.reward, self.score_norm = inputs.data, inputs.reward, inputs.score_norm

@@ -135,7 +135,7 @@ class PPOTrainer:
         value_model: ValueModel | None = None,
     ) -> None:
         self.config = config
-        inputs = load_rl_inputs(config, policy, reward, prompts, tokenizer)
+        inputs = load_rl_inputs(config, "ppo", policy, reward, prompts, tokenizer)
         self.backend, self.device = inputs.backend, inputs.device
         self.policy, self.tokenizer = inputs.policy, inputs.tokenizer
         self.data, self.reward, self.score_norm = inputs.data, inputs.reward, inputs.score_norm
