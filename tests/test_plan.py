@@ -62,8 +62,9 @@ def test_parameters_are_counted_exactly_from_the_config(tmp_path: Path) -> None:
         assert shape.layer_params == 2336 and shape.param_bytes == 4
         assert model_shape(model) == shape  # an instance gives the same
     bf16 = small_config()
-    bf16.dtype = torch.bfloat16  # transformers loads a bf16 checkpoint in bf16: 2 bytes a weight
-    assert model_shape(bf16).param_bytes == 2
+    bf16.dtype = torch.bfloat16
+    assert model_shape(bf16).param_bytes == 4  # a policy is loaded in float32 whatever its checkpoint's dtype
+    assert model_shape(bf16, causal=False).param_bytes == 2  # a reward model keeps its checkpoint's dtype
 
 
 def test_held_memory_is_weights_gradients_and_adamw_state() -> None:

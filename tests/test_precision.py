@@ -99,3 +99,13 @@ def test_optimizer_state_keyed_by_name_round_trips_to_positions():
     assert back["param_groups"] == saved["param_groups"]
     for i, state in saved["state"].items():
         torch.testing.assert_close(back["state"][i]["exp_avg"], state["exp_avg"], rtol=0, atol=0)
+
+
+def test_a_bfloat16_checkpoint_is_loaded_as_a_float32_policy(tmp_path):
+    """Weights (and so AdamW state) are float32 whatever the checkpoint's dtype; the plan counts them so."""
+    from tether.models import load_causal_lm
+    from tether.plan import model_shape
+
+    make_toy_model(make_toy_tokenizer()).to(torch.bfloat16).save_pretrained(tmp_path)
+    assert load_causal_lm(tmp_path).dtype == torch.float32
+    assert model_shape(tmp_path).param_bytes == 4

@@ -48,7 +48,9 @@ def load_causal_lm(policy: str | Path | PreTrainedModel) -> PreTrainedModel:
             f"policy {policy!r} is not a local directory; tether loads models offline from a path "
             "(or pass a PreTrainedModel instance)"
         )
-    return AutoModelForCausalLM.from_pretrained(path)
+    # float32 weights whatever the checkpoint's dtype (transformers 5 would keep a bf16 checkpoint in bf16):
+    # the policy's updates and its AdamW state need float32; mixed_precision runs the forwards in half.
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
 def load_tokenizer(

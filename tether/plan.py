@@ -116,6 +116,8 @@ def model_shape(source: Any, causal: bool = True) -> ModelShape:
         cfg = transformers.AutoConfig.from_pretrained(Path(source))
     dtype = (cfg.dtype if hasattr(cfg, "dtype") else getattr(cfg, "torch_dtype", None)) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if causal:
+        dtype = torch.float32  # tether.models.load_causal_lm loads a policy in float32 whatever the checkpoint
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForSequenceClassification
     try:
         with torch.device("meta"):
