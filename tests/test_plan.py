@@ -177,6 +177,16 @@ def test_plan_command_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert cli_main([*args, "--algo", "grpo", "--available_gib", "0.001"]) == 1
     assert "does not fit" in capsys.readouterr().out
     assert cli_main(["plan", "--config", str(tmp_path / "run.yaml")]) == 2  # no --policy
+    # sharded over 4 processes, every trained tensor's share is a quarter
+    assert cli_main([*args, "--world_size", "4", "--sharding", "fsdp", "--available_gib", "100"]) == 0
+    sharded = capsys.readouterr().out
+    assert cli_main([*args, "--world_size", "4", "--available_gib", "100"]) == 0
+    whole = capsys.readouterr().out
+
+    def adamw(text: str) -> str:
+        return next(line for line in text.splitlines() if "policy AdamW state" in line)
+
+    assert adamw(sharded) != adamw(whole)
 
 
 # ------------------------------------------------------------------ against measured memory

@@ -251,8 +251,8 @@ def plan_items(
     kv = 2 * (policy.layers + 1) * B * policy.kv_heads * policy.head_dim * L * s
     add(f"KV cache ({B} sequences x {L} tokens)", kv, "generation")
     prompt = no_grad_bytes(policy, B * P, s)
-    if getattr(sp, "engine", "hf") == "tether":  # its prompt forward's [B, P, V] logits live for a step
-        add("prompt forward: layers, then [B, P, V] logits", max(prompt, B * P * (V + h) * s), "generation")
+    if getattr(sp, "engine", "hf") == "tether":  # its prompt forward runs the LM head on the last position only
+        add("prompt forward", prompt, "generation")
         add("decoding step: float32 [B, V] scores, softmax, log-softmax", 4 * B * V * 4, "generation")
     else:  # transformers' generate keeps every step's float32 scores [B, V]; tether stacks them afterwards
         add("prompt forward", prompt, "generation")
@@ -475,7 +475,8 @@ def main(argv: Sequence[str]) -> int:
         print(USAGE)
         return 0
     (algos, argv), classes = take_repeated(list(argv), "algo"), {"ppo": PPOConfig, "grpo": GRPOConfig}
-    (worlds, argv), (sizes, argv) = take_repeated(argv, "world_size"), take_repeated(argv, "available_gib")
+    worlds, argv = take_repeated(argv, "world_size")
+    sizes, argv = take_repeated(argv, "available_gib")
     algo = algos[-1] if algos else "ppo"
     if algo not in classes:
         raise ConfigError(f"--algo is ppo or grpo, not {algo!r}")
