@@ -2,7 +2,7 @@
 
 SPEC holds ``model`` (a directory with its tokenizer), ``algo`` (ppo or grpo) and ``config`` (fields of the
 trainer's config). The worker trains that run and writes the peak resident memory the run added to the process:
-ru_maxrss (KiB on Linux) minus the RSS right before the trainer is built, after every import.
+its peak resident memory (VmHWM) minus the RSS right before the trainer is built, after every import.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import json
 import random
-import resource
 import sys
 from pathlib import Path
 
@@ -21,11 +20,12 @@ from tether.trainers.grpo import GRPOConfig, GRPOTrainer
 from tether.trainers.ppo import PPOConfig, PPOTrainer
 
 
-def rss_bytes() -> int:
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS: resident now; VmHWM: the peak of this program)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def length_reward(prompts: list[str], responses: list[str], **columns: object) -> list[float]:
@@ -50,10 +50,12 @@ def main(spec_path: str, out_path: str) -> None:
     ]
     prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
     gc.collect()
-    before = rss_bytes()
+    before = status_bytes("VmRSS")
     trainer = trainer_cls(config, policy=spec["model"], reward=length_reward, prompts=str(prompts))
     trainer.train()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec, so a worker
+    # started by a pytest process that has grown to 2 GiB would report 2 GiB whatever it used itself.
+    peak = status_bytes("VmHWM")
     Path(out_path).write_text(json.dumps({"before": before, "peak": peak, "increase": peak - before}))
 
 
