@@ -740,7 +740,7 @@ def summarise(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, 
         by_lib = {
             lib: runs for lib, runs in by_lib.items() if len(runs) == n
         }  # the floor when it is complete
-        row: dict[str, Any] = {}
+        row: dict[str, Any] = {"repeats": n}
         for lib, runs in by_lib.items():
             row[lib] = {
                 key: _stats([r[key] for r in runs])
@@ -801,7 +801,8 @@ def table(summary: dict[str, Any]) -> str:
         r = row["tether_over_trl_eps"]
         floor = "floor" in row
         cells = [
-            f"{name}: {WORKLOADS[name].describe()}",
+            f"{name}: {WORKLOADS[name].describe()}"
+            + (f"; {row['repeats']} repeats" if row["repeats"] > 1 else ""),
             f"{med(row, 'tether', 'episodes_per_s'):.1f}",
             f"{med(row, 'trl', 'episodes_per_s'):.1f}",
             f"{r['min']:.2f} / **{r['median']:.2f}** / {r['max']:.2f}",
