@@ -74,15 +74,15 @@ if mode == "update":
                    f"{out}/update.pt")
 else:
     if mode == "kill" and trainer.backend.rank == 1:
-        real_rollout, calls = trainer.rollout, []
+        real_rollout, calls = trainer.rollout_of, []
 
-        def dying_rollout(prompts):
+        def dying_rollout(generation, policy_forward=True):
             calls.append(1)
             if len(calls) == 5:
                 os._exit(3)  # a rank killed mid-run: no exception, no cleanup
-            return real_rollout(prompts)
+            return real_rollout(generation, policy_forward)
 
-        trainer.rollout = dying_rollout
+        trainer.rollout_of = dying_rollout
     if mode == "resume":
         trainer.resume()
     history = trainer.train()

@@ -129,10 +129,39 @@ def _trainer(cfg, reward=None, prompts=None):
 )
 def test_rollout_and_training_forward_logprobs_agree(tmp_path, sampling, estimator):
     """generate()'s own logprobs of the sampled tokens match the training forward's to ~1e-5 (CPU, fp32)."""
-    history = _trainer(_config(tmp_path, steps=3, sampling=sampling, kl=tether.KLConfig(estimator=estimator))).train()
+    cfg = _config(tmp_path, steps=3, sampling=sampling, kl=tether.KLConfig(estimator=estimator), logprob_check_steps=1)
+    history = _trainer(cfg).train()
     for row in history:
         assert row["rollout/logprob_diff_max"] < 1e-5, row["rollout/logprob_diff_max"]
         assert row["rollout/logprob_diff_mean"] <= row["rollout/logprob_diff_max"]
+
+
+@pytest.mark.parametrize(
+    ("sampling", "estimator"),
+    [
+        (SamplingConfig(max_new_tokens=8, temperature=0.7), "k1"),
+        (SamplingConfig(max_new_tokens=8, top_k=5, min_new_tokens=2, temperature=1.3, allow_biased=True), "k3"),
+    ],
+    ids=["temperature", "top_k+min_new_tokens"],
+)
+def test_the_samplers_logprobs_stand_in_for_the_policy_forward(tmp_path, monkeypatch, sampling, estimator):
+    """Between check steps the rollout runs no policy forward: the sampler's logprobs, model logprobs and entropy
+    are used, and the run matches one that runs the forward every step to float rounding."""
+    forwards = []
+    real = rollout_module.policy_logprobs
+    monkeypatch.setattr(rollout_module, "policy_logprobs", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    runs = {}
+    for every in (1, 2):
+        forwards.clear()
+        cfg = _config(tmp_path / str(every), steps=4, sampling=sampling, kl=tether.KLConfig(estimator=estimator),
+                      logprob_check_steps=every)
+        runs[every] = (_trainer(cfg).train(), len(forwards))
+    (every_step, n_every), (checked, n_checked) = runs[1], runs[2]
+    assert n_checked * 2 == n_every  # steps 1 and 3 only (two 8-row chunks each)
+    assert ["rollout/logprob_diff_max" in row for row in checked] == [True, False, True, False]
+    for a, b in zip(every_step, checked, strict=True):
+        for key in ("objective/kl", "kl/k1", "objective/entropy", "policy/loss", "policy/approx_kl", "value/loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
 
 
 def test_logprob_agreement_catches_a_temperature_bug(tmp_path, monkeypatch):

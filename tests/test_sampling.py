@@ -164,8 +164,8 @@ def test_generate_ignores_the_models_own_generation_defaults(toy) -> None:
 def test_the_lean_sampling_loop_draws_generates_tokens_and_keeps_their_logprobs(toy, cfg) -> None:
     """tether's loop (KV cache, one logprob per token) gives transformers' generate's tokens for the same seed,
     and the logprobs of generate's processed scores, on left-padded prompts of several lengths."""
-    from tether.logprobs import selective_log_softmax
-    from tether.sampling import sample
+    from tether.logprobs import entropy_from_logits, policy_logprobs, selective_log_softmax
+    from tether.sampling import sample, truncate_at_eos
 
     tokenizer, model = toy
     eos, pad = tokenizer.eos_token_id, tokenizer.unk_token_id  # a pad distinct from EOS
@@ -175,7 +175,7 @@ def test_the_lean_sampling_loop_draws_generates_tokens_and_keeps_their_logprobs(
     ref = generate(model, enc.input_ids, enc.attention_mask, cfg, eos, pad, output_scores=True)
     torch.manual_seed(3)
     with torch.no_grad():
-        tokens, logprobs = sample(model, enc.input_ids, enc.attention_mask, cfg, [eos], pad)
+        tokens, logprobs, model_logprobs, entropy = sample(model, enc.input_ids, enc.attention_mask, cfg, [eos], pad)
     assert torch.equal(tokens, ref.sequences[:, P:])
     assert ((tokens == eos).any(-1)).sum() >= 3  # some rows stopped early: padding after EOS was exercised
     assert ref.scores is not None and logprobs is not None
@@ -184,3 +184,32 @@ def test_the_lean_sampling_loop_draws_generates_tokens_and_keeps_their_logprobs(
     torch.testing.assert_close(logprobs[live], expected[live], rtol=0, atol=1e-5)
     if cfg.min_new_tokens:
         assert not (tokens[:, : cfg.min_new_tokens] == eos).any()
+    # the model's own logprobs and entropy: what the training forward over the same tokens computes
+    upto_eos = truncate_at_eos(tokens, [eos], pad).response_mask  # a row may sample the pad id before its EOS
+    ids = torch.cat([enc.input_ids, tokens], 1)
+    att = torch.cat([enc.attention_mask, upto_eos.long()], 1)
+    live = upto_eos
+    with torch.no_grad():
+        fwd = policy_logprobs(model, ids, att, P, cfg, [eos])
+    torch.testing.assert_close(model_logprobs[live], fwd.model_logprobs[live], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logprobs[live], fwd.logprobs[live], rtol=0, atol=1e-5)
+    own_entropy = entropy_from_logits(fwd.logits, cfg.temperature)
+    torch.testing.assert_close(entropy[live], own_entropy[live], rtol=0, atol=1e-5)
+    if cfg.allow_biased:  # the warped and the model's own distributions really differ here
+        assert (model_logprobs[live] - logprobs[live]).abs().max() > 1e-2
+
+
+def test_importing_tether_sets_passive_openmp_waiting_unless_the_user_chose(tmp_path) -> None:
+    """OMP_WAIT_POLICY must be set before torch starts OpenMP, so importing tether (first) sets it; a user's value
+    wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import tether, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"

@@ -20,14 +20,53 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from tether.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, Range, check_ranges
 from tether.ops import exact_div
 from tether.sampling import SamplingConfig
 
 C = TypeVar("C")
 
+#: Allowed values of KLConfig's fields (every float field must also be finite: a NaN coef is refused).
+KL_RANGES: dict[str, Range] = {"coef": NON_NEGATIVE, "target": POSITIVE, "horizon": AT_LEAST_ONE}
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the config's fields."""
+#: Allowed values of LoggingConfig's fields.
+LOGGING_RANGES: dict[str, Range] = {
+    "logging_steps": AT_LEAST_ONE,
+    "sample_steps": Range(0, hint=" (0 disables the sample tables)"),
+    "num_sample_rows": NON_NEGATIVE,
+    "save_steps": Range(0, hint=" (0 disables intermediate checkpoints)"),
+    "save_total_limit": AT_LEAST_ONE,
+}
+
+#: Allowed values of the fields of RLConfig and of the trainer configs built on it (PPOConfig and GRPOConfig
+#: call RLConfig.__post_init__; a name absent from a config is skipped). One name means one thing everywhere.
+RL_RANGES: dict[str, Range] = {
+    "learning_rate": POSITIVE,
+    "total_episodes": AT_LEAST_ONE,
+    "rollout_batch_size": AT_LEAST_ONE,
+    "mini_batch_size": AT_LEAST_ONE,
+    "micro_batch_size": AT_LEAST_ONE,
+    "cliprange": POSITIVE,
+    "cliprange_high": POSITIVE,
+    "loss_norm_constant": POSITIVE,
+    "max_grad_norm": Range(0, low_open=True, hint="; use none to disable gradient clipping"),
+    "weight_decay": NON_NEGATIVE,
+    "adam_eps": POSITIVE,
+    "max_prompt_length": AT_LEAST_ONE,
+    "forward_batch_size": AT_LEAST_ONE,
+    "reward_batch_size": AT_LEAST_ONE,
+    "reward_clip": POSITIVE,
+    # PPOConfig
+    "ppo_epochs": AT_LEAST_ONE,
+    "cliprange_value": Range(0, low_open=True, hint="; use none to disable value clipping"),
+    "vf_coef": NON_NEGATIVE,
+    "gamma": PROBABILITY,
+    "lam": PROBABILITY,
+    # GRPOConfig
+    "num_generations": AT_LEAST_ONE,
+    "num_iterations": AT_LEAST_ONE,
+    "dual_clip": Range(1, low_open=True),
+}
 
 
 @dataclass
@@ -52,8 +91,7 @@ class KLConfig:
     the reward also adds its direct gradient as a loss term, since it does not depend on the sampled token."""
 
     def __post_init__(self) -> None:
-        if self.coef < 0:
-            raise ConfigError(f"kl.coef must be >= 0, got {self.coef}")
+        check_ranges(self, KL_RANGES, prefix="kl")
         if self.placement == "loss" and self.estimator == "k1":
             raise ConfigError(
                 "kl.placement='loss' with kl.estimator='k1': the gradient of the k1 estimate is zero in "
@@ -81,6 +119,9 @@ class LoggingConfig:
     """Show a progress bar over total episodes."""
     report: bool = True
     """Write run_dir/report.html (plots, samples, health warnings) at the end of the run."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, LOGGING_RANGES, prefix="logging")
 
 
 @dataclass
@@ -110,7 +151,11 @@ class RLConfig:
     mini_batch_size: int = 16
     """Sequences per optimiser step [TRL: local_mini_batch_size]."""
     micro_batch_size: int = 16
-    """Sequences per forward/backward; gradients are accumulated over mini/micro of them."""
+    """Sequences per forward/backward; gradients are accumulated over mini/micro of them. Each process sorts its
+    rows by length, so a micro-batch holds rows of similar length and is trimmed to its longest row."""
+    micro_batch_tokens: int | None = None
+    """Also cap each micro-batch at this many tokens (rows x its longest row), so short rows go in larger
+    micro-batches and long rows in smaller ones; None = micro_batch_size rows every time. One process only."""
     cliprange: float = 0.2
     """Policy ratio clip (low side, and high side unless cliprange_high is set)."""
     cliprange_high: float | None = None
@@ -137,6 +182,12 @@ class RLConfig:
     """Prompts longer than this many tokens are an error (naming the row)."""
     forward_batch_size: int | None = None
     """Sequences per no-grad rollout forward (policy, reference, value); None = micro_batch_size."""
+    logprob_check_steps: int = 10
+    """The old logprobs and entropy come from the sampling loop, which computes them from the logits it samples
+    with; on the first step and every this many steps the rollout also runs the policy forward over the sampled
+    tokens, trains on its numbers and logs rollout/logprob_diff_max|mean (sampler against forward). 1 = a
+    forward every step; 0 = only the first step. A forward runs every step anyway when the sampler cannot
+    stand in for it: the exact KL ("full" or kl.log_exact), mixed precision, or sampling.engine "hf"."""
     reward_batch_size: int = 16
     """Texts per reward-model forward."""
     reward_weights: list[float] | None = None
@@ -174,15 +225,15 @@ class RLConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        check_ranges(self, RL_RANGES)  # the nested blocks (sampling, kl, logging) checked their own
         if self.total_episodes < self.rollout_batch_size:
             raise ConfigError(
                 f"total_episodes ({self.total_episodes}) must be at least rollout_batch_size ({self.rollout_batch_size})"
             )
-        for name in ("rollout_batch_size", "mini_batch_size", "micro_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         try:
-            exact_div(self.sequences_per_step, self.mini_batch_size, f"{self._sequences_name} / mini_batch_size")
+            exact_div(
+                self.sequences_per_step, self.mini_batch_size, f"{self._sequences_name} / mini_batch_size"
+            )
             exact_div(self.mini_batch_size, self.micro_batch_size, "mini_batch_size / micro_batch_size")
         except ValueError as exc:
             raise ConfigError(f"batch sizes do not divide: {exc}") from None
@@ -191,8 +242,6 @@ class RLConfig:
                 f"sampling.allow_biased=true needs kl.estimator 'k3' or 'full' (got {self.kl.estimator!r}): "
                 "with warped sampling the k1/k2 estimates are biased, and k1 can go negative and be exploited"
             )
-        if self.loss_norm_constant is not None and self.loss_norm_constant <= 0:
-            raise ConfigError(f"loss_norm_constant must be > 0, got {self.loss_norm_constant}")
 
     @property
     def sequences_per_step(self) -> int:

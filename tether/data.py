@@ -7,7 +7,9 @@ template. Columns other than ``prompt`` are kept and passed to reward functions 
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -57,33 +59,104 @@ class PromptData:
 
 
 def read_rows_file(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a local .jsonl/.json, .csv or .parquet file; errors name the file (and line for JSON)."""
+    """Rows of a local .jsonl/.json, .csv or .parquet file; errors name the file (and the line for text files).
+
+    Text files must be UTF-8 (an invalid byte is reported with its line and byte offset). A CSV file is also
+    checked for broken quoting before it is parsed (see :func:`check_csv_quoting`).
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        rows = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-        return rows
+        return _read_jsonl(path, _read_utf8(path))
     if suffix in (".csv", ".parquet"):
         # pyarrow (a dependency of datasets) reads both without datasets' on-disk cache.
         import pyarrow.csv
         import pyarrow.parquet
 
+        if suffix == ".csv":
+            check_csv_quoting(_read_utf8(path), str(path))
         try:
             table = pyarrow.csv.read_csv(path) if suffix == ".csv" else pyarrow.parquet.read_table(path)
         except Exception as exc:  # noqa: BLE001 - surface the reader's reason with the file name
             raise DataError(f"{path}: could not be read as {suffix[1:]}: {exc}") from None
         return table.to_pylist()
     raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .parquet")
+
+
+def _read_utf8(path: Path) -> str:
+    """The text of ``path``; a byte that is not UTF-8 is named with its line and offset."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{path}, line {line} (byte {exc.start}): not valid UTF-8 (byte 0x{raw[exc.start]:02x}); "
+            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _read_jsonl(path: Path, text: str) -> list[dict[str, Any]]:
+    """One JSON object per non-blank line."""
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
+            raise DataError(f"{path}, line {lineno}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+        except RecursionError:
+            raise DataError(f"{path}, line {lineno}: JSON nested too deeply") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def check_csv_quoting(text: str, name: str) -> None:
+    """Refuse CSV text whose quoting is broken, naming the line where the bad quote opens.
+
+    Two symptoms: a quote that is never closed (the rest of the file would be one field), and a quoted field
+    that spans several lines of which one, read alone, has exactly the header's number of fields - a row
+    swallowed by a quote opened earlier (a stray ``"`` at the start of a field), which a CSV reader takes as one
+    long prompt. A multi-line field whose lines do not look like rows passes; a file with one column is only
+    checked for the unclosed quote.
+    """
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    last_line = 0
+    try:
+        for row in reader:
+            first, last_line = last_line + 1, reader.line_num
+            if header is None:
+                header = row
+            elif last_line > first and len(header) > 1:
+                _check_multiline_row(row, len(header), first, last_line, name)
+    except csv.Error as exc:
+        what = "a quote opened in this row is never closed" if "end of data" in str(exc) else str(exc)
+        raise DataError(
+            f'{name}, line {last_line + 1}: broken CSV quoting: {what}; a field holding a " must be quoted, '
+            'with the quote doubled ("")'
+        ) from None
+
+
+def _check_multiline_row(row: list[str], n_columns: int, first: int, last: int, name: str) -> None:
+    """Refuse a row spanning lines ``first..last`` when a line inside one of its fields looks like a row."""
+    for value in row:
+        lines = value.split("\n")
+        for line in lines[:-1]:  # the last piece is joined to the fields after the closing quote
+            fields = next(csv.reader([line]), [])
+            if len(fields) == n_columns and all(f.strip() for f in fields):
+                raise DataError(
+                    f"{name}, line {first}: a quoted field runs over lines {first}-{last} and swallows what "
+                    f"looks like a row of its own ({line.strip()[:60]!r}); check the quotes on line {first} "
+                    '(a field holding a " must be quoted, with the quote doubled: ""). If the line breaks are '
+                    "meant, write the file as JSONL"
+                )
 
 
 def load_prompts(source: Any, column: str = "prompt") -> PromptData:
@@ -230,8 +303,17 @@ def _render(tokenizer: Any, conversation: list[Message], where: str) -> str:
     return text
 
 
-def check_prompt_lengths(data: PromptData, tokenizer: Any, max_prompt_length: int) -> None:
-    """Refuse prompts longer than ``max_prompt_length`` tokens, naming the first offending row.
+def check_prompt_lengths(
+    data: PromptData,
+    tokenizer: Any,
+    max_prompt_length: int,
+    context: int | None = None,
+    max_new_tokens: int = 0,
+) -> None:
+    """Refuse prompts longer than ``max_prompt_length`` tokens, naming the first offending row; with the
+    model's ``context`` (its position count, see :func:`tether.models.context_length`), also a prompt that
+    leaves no room for ``max_new_tokens`` response tokens - it would train until the row is drawn, then fail
+    inside the model's position embedding.
 
     Conversational data must have gone through :func:`render_prompts`: its ``prompts`` are only stand-ins
     until then, and generating from them would silently drop the chat template.
@@ -241,6 +323,11 @@ def check_prompt_lengths(data: PromptData, tokenizer: Any, max_prompt_length: in
             f"{data.source} holds chat messages that are not rendered yet: "
             "call tether.data.render_prompts(data, tokenizer) before checking lengths or generating"
         )
+    if context is not None and max_new_tokens >= context:
+        raise DataError(
+            f"sampling.max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of "
+            f"{context} positions; lower sampling.max_new_tokens"
+        )
     lengths = [len(ids) for ids in tokenizer(data.prompts, add_special_tokens=False)["input_ids"]]
     for i, n in enumerate(lengths):
         if n > max_prompt_length:
@@ -249,6 +336,23 @@ def check_prompt_lengths(data: PromptData, tokenizer: Any, max_prompt_length: in
             )
         if n == 0:
             raise DataError(f"{data.source}, row {i}: prompt encodes to zero tokens")
+        if context is not None and n + max_new_tokens > context:
+            raise DataError(_context_message(f"{data.source}, row {i}", n, context, max_new_tokens))
+
+
+def _context_message(where: str, n: int, context: int, max_new_tokens: int) -> str:
+    """Why a prompt of ``n`` tokens does not fit the model's ``context`` with its response, and what to do."""
+    if n >= context:
+        return (
+            f"{where}: prompt is {n} tokens long, but the model's context is {context} positions; shorten or "
+            f"drop the row (with sampling.max_new_tokens={max_new_tokens}, a prompt may have at most "
+            f"{context - max_new_tokens} tokens)"
+        )
+    return (
+        f"{where}: prompt of {n} tokens + sampling.max_new_tokens={max_new_tokens} = {n + max_new_tokens} "
+        f"tokens, more than the model's context of {context} positions; shorten or drop the row, or lower "
+        f"sampling.max_new_tokens to {context - n} or less"
+    )
 
 
 class PromptSampler:

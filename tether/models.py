@@ -7,6 +7,7 @@ zero (so the first value estimates are 0 and the first advantages are the raw re
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,42 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from tether.checks import check_device
 from tether.logprobs import position_ids_from_mask
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; any other name must be a device that is here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(name)
     return torch.device(name)
+
+
+#: Config keys that hold a model's number of positions, by family (GPT-2: n_positions; Llama: max_position_...).
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(model: Any) -> int | None:
+    """The number of positions a causal LM can read (prompt plus response), from a model instance or from
+    the config.json of a model directory, without loading the weights; None when the config names none."""
+    if isinstance(model, str | Path):
+        path = Path(model) / "config.json"
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # not a plain model directory (e.g. a PEFT adapter): loading will tell
+        config = config.get("text_config") or config
+    else:
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        config = vars(config) if config is not None else {}
+    for key in CONTEXT_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -67,7 +97,9 @@ def load_tokenizer(
         else:
             name = getattr(getattr(policy_source, "config", None), "_name_or_path", "")
             if not name or not Path(name).exists():
-                raise ValueError("pass tokenizer=... when the policy is a model instance without a local path")
+                raise ValueError(
+                    "pass tokenizer=... when the policy is a model instance without a local path"
+                )
             tokenizer = name
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)

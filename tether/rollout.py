@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import nn
 
-from tether.kl import EXACT_KL, KLTerms, token_kl
+from tether.kl import EXACT_KL, KLTerms, kl_needs_logits, token_kl
 from tether.logprobs import (
     align_with_response,
     entropy_from_logits,
@@ -26,7 +26,14 @@ from tether.logprobs import (
     response_logits,
     selective_log_softmax,
 )
-from tether.sampling import SamplingConfig, check_sampling_config, generate, sample, truncate_at_eos
+from tether.sampling import (
+    SamplingConfig,
+    check_sampling_config,
+    generate,
+    kl_biasing_settings,
+    sample,
+    truncate_at_eos,
+)
 from tether.sharding import is_sharded
 from tether.types import Rollout
 
@@ -40,6 +47,10 @@ class Generation(NamedTuple):
     response_mask: torch.Tensor  # [B, T] bool, True up to and including the first EOS
     has_eos: torch.Tensor  # [B] bool
     logprobs: torch.Tensor | None  # [B, T] logprob each token was sampled with (0 outside the mask), if kept
+    # [B, T] the model's own logprob of each token at the temperature, and the entropy of that distribution
+    # (0 outside the mask), when the sampler kept them: what a training forward would compute
+    model_logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
     @property
     def prompt_length(self) -> int:
@@ -121,9 +132,9 @@ class HFGenerator:
         self.model.eval()
         pad = self.tokenizer.pad_token_id
         synced = is_sharded(self.model)
-        logprobs = None
+        logprobs = model_logprobs = entropy = None
         if self.sampling.engine == "tether":
-            sampled, logprobs = sample(
+            sampled, logprobs, model_logprobs, entropy = sample(
                 self.model, prompt_ids, prompt_mask, self.sampling, self._eos, pad, self.keep_logprobs, synced
             )
         else:
@@ -138,9 +149,20 @@ class HFGenerator:
         cut = truncate_at_eos(sampled, self._eos, pad)
         T = max(int(cut.response_mask.sum(-1).max().item()), 1)  # drop columns that are padding everywhere
         response_ids, response_mask = cut.response_ids[:, :T], cut.response_mask[:, :T]
-        if logprobs is not None:
-            logprobs = logprobs[:, :T].masked_fill(~response_mask, 0.0)
-        return Generation(prompt_ids, prompt_mask, response_ids, response_mask, cut.has_eos, logprobs)
+
+        def per_token(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[:, :T].masked_fill(~response_mask, 0.0)
+
+        return Generation(
+            prompt_ids,
+            prompt_mask,
+            response_ids,
+            response_mask,
+            cut.has_eos,
+            per_token(logprobs),
+            per_token(model_logprobs),
+            per_token(entropy),
+        )
 
 
 @torch.no_grad()
@@ -155,14 +177,23 @@ def build_rollout(
     kl_estimator: str = "k1",
     log_exact_kl: bool = False,
     chunk_size: int = 16,
+    policy_forward: bool = True,
 ) -> Rollout:
     """The no-grad forwards over sampled tokens, ``chunk_size`` sequences at a time, as a :class:`Rollout`.
 
-    Always the policy (old logprobs under the sampled and the model's own distribution, entropy); with
-    ``ref_policy`` the reference logprobs and the per-token KL of ``kl_estimator`` (and the exact KL when
-    ``log_exact_kl``); with ``value_model`` the value of the state before each response token. Models are put
-    in eval mode (dropout off).
+    The policy's old logprobs (under the sampled and the model's own distribution) and entropy come from a
+    policy forward, or, with ``policy_forward=False``, from the sampler, which computed the same numbers from the
+    same logits as it sampled (see :func:`rollout_needs_policy_forward`); then ``gen_logprobs`` is None, since
+    there is nothing to compare them with. With ``ref_policy`` the reference logprobs and the per-token KL of
+    ``kl_estimator`` (and the exact KL when ``log_exact_kl``); with ``value_model`` the value of the state
+    before each response token. Models are put in eval mode (dropout off).
     """
+    if not policy_forward and (
+        generation.model_logprobs is None or generation.entropy is None or generation.logprobs is None
+    ):
+        raise ValueError("policy_forward=False needs a generation that kept its logprobs and entropy")
+    if not policy_forward and (log_exact_kl or kl_needs_logits(kl_estimator)):
+        raise ValueError("the exact KL needs the policy's logits: build_rollout needs policy_forward=True")
     input_ids, attention_mask = generation.input_ids, generation.attention_mask  # [B, L]
     mask = generation.response_mask
     P = generation.prompt_length
@@ -175,21 +206,28 @@ def build_rollout(
         parts.setdefault(name, []).append(value)
 
     for s in range(0, input_ids.shape[0], chunk_size):
-        ids, att = input_ids[s : s + chunk_size], attention_mask[s : s + chunk_size]
-        fwd = policy_logprobs(policy, ids, att, P, sampling, eos_token_ids)
-        keep("logprobs", fwd.logprobs)
-        keep("model_logprobs", fwd.model_logprobs)
-        keep("entropy", entropy_from_logits(fwd.logits, sampling.temperature))
+        rows = slice(s, s + chunk_size)
+        ids, att = input_ids[rows], attention_mask[rows]
+        if policy_forward:
+            fwd = policy_logprobs(policy, ids, att, P, sampling, eos_token_ids)
+            model_lp, logits = fwd.model_logprobs, fwd.logits
+            keep("logprobs", fwd.logprobs)
+            keep("model_logprobs", model_lp)
+            keep("entropy", entropy_from_logits(logits, sampling.temperature))
+            del fwd
+        else:
+            model_lp, logits = generation.model_logprobs[rows], None  # type: ignore[index]
         if ref_policy is not None:
             ref_logits = response_logits(ref_policy, ids, att, P)
             ref_lp = selective_log_softmax(ref_logits, ids[:, P:], sampling.temperature)
-            terms = KLTerms(fwd.model_logprobs, ref_lp, fwd.logits, ref_logits, sampling.temperature)
+            terms = KLTerms(model_lp, ref_lp, logits, ref_logits, sampling.temperature)
             kl = token_kl(kl_estimator, terms)
             keep("ref_logprobs", ref_lp)
             keep("kl", kl)
             if log_exact_kl:
                 keep("exact_kl", kl if kl_estimator == EXACT_KL else token_kl(EXACT_KL, terms))
-            del ref_logits
+            del ref_logits, terms
+        logits = None  # free this chunk's [c, T, V] before the next forward
         if value_model is not None:
             keep(
                 "values", align_with_response(value_model(ids, att), P)
@@ -203,6 +241,14 @@ def build_rollout(
         return (out.masked_fill(~mask, 0.0) if masked else out).clone()
 
     gen_lp = generation.logprobs
+    if not policy_forward:  # the sampler's numbers are the old logprobs; no second source to compare
+        # the ratio's distribution, chosen as policy_logprobs chooses it
+        warped = sampling.allow_biased and kl_biasing_settings(sampling)
+        ratio_lp = generation.logprobs if warped else generation.model_logprobs
+        parts["logprobs"] = [ratio_lp]  # type: ignore[list-item]
+        parts["model_logprobs"] = [generation.model_logprobs]  # type: ignore[list-item]
+        parts["entropy"] = [generation.entropy]  # type: ignore[list-item]
+        gen_lp = None
     return Rollout(
         input_ids=input_ids.clone(),
         attention_mask=attention_mask.clone(),

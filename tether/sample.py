@@ -24,13 +24,32 @@ from typing import Any
 
 import torch
 
+from tether.checks import (
+    AT_LEAST_ONE,
+    Range,
+    check_device,
+    check_model_dir,
+    check_output_file,
+    check_ranges,
+    check_tokenizer_dir,
+)
 from tether.config import ConfigError, config_help, load_config, take_repeated
 from tether.data import check_prompt_lengths, load_prompts, render_prompts
 from tether.logging.console import format_samples_table
-from tether.models import disable_dropout, load_causal_lm, load_tokenizer, pick_device
+from tether.models import context_length, disable_dropout, load_causal_lm, load_tokenizer, pick_device
 from tether.rewards import build_reward
 from tether.rollout import HFGenerator
 from tether.sampling import SamplingConfig, check_sampling_config
+
+#: Allowed values of SampleConfig's fields (num_prompts may also be null: all of them).
+SAMPLE_RANGES: dict[str, Range] = {
+    "num_prompts": AT_LEAST_ONE,
+    "samples_per_prompt": AT_LEAST_ONE,
+    "batch_size": AT_LEAST_ONE,
+    "max_prompt_length": AT_LEAST_ONE,
+    "reward_batch_size": AT_LEAST_ONE,
+    "show": Range(0, hint=" (0 prints no table)"),
+}
 
 
 @dataclass
@@ -58,11 +77,7 @@ class SampleConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
-        for name in ("samples_per_prompt", "batch_size", "reward_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_prompts is not None and self.num_prompts < 1:
-            raise ConfigError(f"num_prompts must be >= 1 or null, got {self.num_prompts}")
+        check_ranges(self, SAMPLE_RANGES)
 
 
 def sample_responses(
@@ -98,10 +113,14 @@ def write_jsonl_atomic(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Write rows to ``path`` through a temporary file, so an interrupted run never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:  # a failed write (a full disk, a directory in the way) leaves no temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 SAMPLE_HELP = """usage: tether sample --policy DIR --prompts FILE [--output samples.jsonl] [--reward SPEC ...]
@@ -131,15 +150,21 @@ def main(argv: Sequence[str]) -> int:
     for name in ("policy", "prompts"):
         if name not in extra:
             raise ConfigError(f"tether sample needs --{name}")
-    check_sampling_config(cfg.sampling)  # before loading the model, so a refused setting fails at once
+    # Every input is checked before the model loads, so a bad one fails at once with one message.
+    check_sampling_config(cfg.sampling)
+    check_output_file(cfg.output)
+    check_device(cfg.device)
+    check_model_dir(extra["policy"], tokenizer="tokenizer" not in extra)
+    check_tokenizer_dir(extra.get("tokenizer"))
+    tokenizer = load_tokenizer(extra.get("tokenizer"), extra["policy"])
+    data = render_prompts(load_prompts(extra["prompts"]), tokenizer)
+    context = context_length(extra["policy"])
+    check_prompt_lengths(data, tokenizer, cfg.max_prompt_length, context, cfg.sampling.max_new_tokens)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     policy = load_causal_lm(extra["policy"])
-    tokenizer = load_tokenizer(extra.get("tokenizer"), extra["policy"])
     disable_dropout(policy)
     policy.to(device)
-    data = render_prompts(load_prompts(extra["prompts"]), tokenizer)
-    check_prompt_lengths(data, tokenizer, cfg.max_prompt_length)
     n = len(data) if cfg.num_prompts is None else min(cfg.num_prompts, len(data))
     indices = [i for i in range(n) for _ in range(cfg.samples_per_prompt)]
     prompts, columns = data.select(indices)
@@ -151,8 +176,9 @@ def main(argv: Sequence[str]) -> int:
         )
     ]
     if rewards:
-        reward = build_reward(rewards if len(rewards) > 1 else rewards[0], device=device,
-                              batch_size=cfg.reward_batch_size)
+        reward = build_reward(
+            rewards if len(rewards) > 1 else rewards[0], device=device, batch_size=cfg.reward_batch_size
+        )
         out = reward(prompts, [r["response"] for r in rows], columns)
         for i, row in enumerate(rows):
             row["score"] = float(out.scores[i])
@@ -172,7 +198,9 @@ def main(argv: Sequence[str]) -> int:
         print("\n".join(table))
     mean_len = sum(r["response_tokens"] for r in rows) / len(rows)
     eos = sum(r["has_eos"] for r in rows) / len(rows)
-    summary = f"wrote {len(rows)} samples to {path} (mean length {mean_len:.1f} tokens, {eos:.0%} ended with EOS"
+    summary = (
+        f"wrote {len(rows)} samples to {path} (mean length {mean_len:.1f} tokens, {eos:.0%} ended with EOS"
+    )
     if rewards:
         summary += f", mean score {sum(r['score'] for r in rows) / len(rows):+.4f}"
     print(summary + ")")

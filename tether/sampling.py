@@ -60,10 +60,21 @@ class SamplingConfig:
     estimator that cannot go negative (kl.estimator = "k3" or "full")."""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature > 0:
-            raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
+        from tether.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range, check_ranges
+
+        # Ranges only; the KL-safety of the values is check_sampling_config's. A temperature of inf would sample
+        # uniformly with KL 0, so every float must be finite too.
+        ranges = {
+            "max_new_tokens": AT_LEAST_ONE,
+            "temperature": POSITIVE,
+            "top_k": NON_NEGATIVE,
+            "top_p": Range(0, 1, low_open=True),
+            "min_new_tokens": NON_NEGATIVE,
+            "repetition_penalty": POSITIVE,
+            "min_length": NON_NEGATIVE,
+            "num_beams": AT_LEAST_ONE,
+        }
+        check_ranges(self, ranges, prefix="sampling")
 
 
 def kl_biasing_settings(cfg: SamplingConfig) -> list[str]:
@@ -240,14 +251,17 @@ def sample(
     pad_token_id: int,
     keep_logprobs: bool = True,
     synced: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sample responses for left-padded prompts [B, P]: tokens [B, T'] and, if kept, their logprobs [B, T'].
+) -> Sampled:
+    """Sample responses for left-padded prompts [B, P]: tokens [B, T'] and, if kept, per-token statistics.
 
     The loop ``generate`` runs for these settings, without its per-step machinery: one prompt forward that fills
     the KV cache, then one token per step, warped as :func:`warp_logits` warps and drawn with the same
-    ``softmax`` + ``multinomial`` calls, so a seed gives generate's tokens. Only the sampled token's logprob under
-    the warped distribution is kept (never a [B, T, V] stack). A row that has emitted EOS gets padding; the loop
-    stops when every row has (every row of every process when ``synced``) or after ``max_new_tokens``.
+    ``softmax`` + ``multinomial`` calls, so a seed gives generate's tokens. With ``keep_logprobs`` each step keeps
+    three numbers per row (never a [B, T, V] stack): the sampled token's logprob under the warped distribution
+    and under the model's own at the temperature, and that distribution's entropy - what a training forward
+    over the same tokens would compute (see :func:`tether.logprobs.policy_logprobs`). A row that has emitted EOS
+    gets padding; the loop stops when every row has (every row of every process when ``synced``) or after
+    ``max_new_tokens``.
     """
     from transformers import DynamicCache
 
@@ -271,14 +285,15 @@ def sample(
     position = positions[:, -1:]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     tokens: list[torch.Tensor] = []
-    logprobs: list[torch.Tensor] = []
+    kept: dict[str, list[torch.Tensor]] = {"logprobs": [], "model_logprobs": [], "entropy": []}
+    warped = bool(kl_biasing_settings(cfg))
     for t in range(cfg.max_new_tokens):
         scores = warp_logits(logits[:, None], cfg, eos_token_ids, offset=t)[:, 0]  # [B, V] float32
         token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
         token = token.masked_fill(done, pad_token_id)
         tokens.append(token)
         if keep_logprobs:
-            logprobs.append(scores.log_softmax(-1).gather(-1, token[:, None]).squeeze(1))
+            _keep_step(kept, logits, scores, token, cfg.temperature, warped)
         done |= torch.isin(token, eos)
         if t + 1 == cfg.max_new_tokens or _all_done(done, synced):
             break
@@ -287,7 +302,38 @@ def sample(
         logits = model(
             input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
         ).logits[:, -1]
-    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1) if keep_logprobs else None
+    stacked = {name: torch.stack(v, dim=1) if keep_logprobs else None for name, v in kept.items()}
+    return Sampled(torch.stack(tokens, dim=1), **stacked)
+
+
+class Sampled(NamedTuple):
+    """What :func:`sample` returns; the per-token statistics are None unless ``keep_logprobs``."""
+
+    tokens: torch.Tensor  # [B, T'] sampled ids, pad after a row's EOS
+    logprobs: torch.Tensor | None  # [B, T'] under the distribution sampled from (warped, at the temperature)
+    model_logprobs: torch.Tensor | None  # [B, T'] under the model's own distribution at the temperature
+    entropy: torch.Tensor | None  # [B, T'] entropy of the model's own distribution at the temperature
+
+
+def _keep_step(
+    kept: dict[str, list[torch.Tensor]],
+    logits: torch.Tensor,
+    scores: torch.Tensor,
+    token: torch.Tensor,
+    temperature: float,
+    warped: bool,
+) -> None:
+    """One step's statistics of the sampled ``token`` [B]: from the raw ``logits`` [B, V] and the warped
+    ``scores`` [B, V] it was drawn from, the same float32 operations as the training forward's."""
+    own = logits.float()
+    if temperature != 1.0:
+        own = own / temperature
+    own_logp = own.log_softmax(-1)
+    model_lp = own_logp.gather(-1, token[:, None]).squeeze(1)
+    kept["model_logprobs"].append(model_lp)
+    kept["logprobs"].append(scores.log_softmax(-1).gather(-1, token[:, None]).squeeze(1) if warped else model_lp)
+    p = own_logp.exp()
+    kept["entropy"].append(-torch.where(p > 0, p * own_logp, torch.zeros_like(p)).sum(-1))
 
 
 def _all_done(done: torch.Tensor, synced: bool) -> bool:

@@ -2,7 +2,9 @@
 
 Both commands read their arguments the same way, so one function serves both: presets under ``--config``
 under the command line; ``--reward`` may repeat (composed rewards); ``--resume RUN_DIR`` reads the run's own
-``config.yaml`` and ``inputs.yaml``, and whatever the command line gives overrides them.
+``config.yaml`` and ``inputs.yaml``, and whatever the command line gives overrides them. ``--resume auto``
+continues output_dir from its newest complete checkpoint when it has one and starts afresh otherwise, so the
+same command line can be rerun after any interruption.
 """
 
 from __future__ import annotations
@@ -11,11 +13,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tether.checkpoint import find_complete_checkpoint
+from tether.checks import check_run_inputs
 from tether.config import ConfigError, config_help, load_config, split_args, take_repeated
-from tether.run import read_inputs
+from tether.run import is_main_process, preflight, read_inputs, restart_interrupted_run
+
+#: ``--resume auto``: resume output_dir when it has a complete checkpoint, else start a new run there.
+AUTO = "auto"
 
 USAGE = """usage: tether {name} [--preset NAME] [--config run.yaml] --policy DIR --reward SPEC [--reward SPEC ...] --prompts FILE
-                 [--reward_weights W1,W2] [--output_dir DIR] [--resume RUN_DIR] [--field value ...]
+                 [--reward_weights W1,W2] [--output_dir DIR] [--resume RUN_DIR|auto] [--field value ...]
 
   --policy DIR       a causal LM directory (save_pretrained format); its tokenizer is loaded from it
   --reward SPEC      a reward-model directory, FILE.py:FUNCTION or a built-in (exact_match, numeric_match,
@@ -24,6 +31,8 @@ USAGE = """usage: tether {name} [--preset NAME] [--config run.yaml] --policy DIR
   --prompts FILE     JSONL/CSV/Parquet with a `prompt` column (a string, or a list of chat messages rendered
                      with the tokenizer's chat template); other columns reach reward functions by name
   --resume RUN_DIR   continue from the newest checkpoint of RUN_DIR (its config.yaml and inputs.yaml are used)
+  --resume auto      continue output_dir from its newest complete checkpoint if it has one, else start afresh:
+                     rerun the same command line after any interruption
   --preset NAME      start from a packaged preset (below); --config and --field value go on top of it
   --field value      any {config} field, e.g. --learning_rate 1e-5 --sampling.max_new_tokens 32 --kl.coef 0.1
 """
@@ -58,6 +67,27 @@ def resume_base(name: str, given: dict[str, str], argv: list[str]) -> tuple[list
     return argv, read_inputs(run)
 
 
+def auto_resume_dir(output_dir: str) -> str | None:
+    """``--resume auto``: ``output_dir`` when it holds a complete checkpoint (resume it), else None (start a new
+    run; :func:`start_auto_run` clears what an attempt interrupted before its first checkpoint left there)."""
+    return output_dir if find_complete_checkpoint(Path(output_dir), warn=False) is not None else None
+
+
+def asks_auto(argv: Sequence[str]) -> bool:
+    """Whether the command line says ``--resume auto``."""
+    return split_args(take_repeated(list(argv), "reward")[1]).get("resume") == AUTO
+
+
+def start_auto_run(output_dir: str, resume: str | None, auto: bool) -> None:
+    """Before any model loads, on the main process: refuse directories in use by a live run or holding another
+    run; for ``--resume auto`` with nothing to resume, clear an interrupted attempt's logs."""
+    if not is_main_process():
+        return
+    preflight(Path(output_dir), Path(resume) if resume is not None else None)
+    if auto and resume is None:
+        restart_interrupted_run(Path(output_dir))
+
+
 def parse_train_args(
     name: str, config_cls: type, argv: Sequence[str], required: Sequence[str] = ("policy", "prompts", "reward")
 ) -> tuple[Any, dict[str, Any], str | None]:
@@ -69,6 +99,14 @@ def parse_train_args(
     rewards, rest = take_repeated(list(argv), "reward")
     given = split_args(rest)  # what the command line names (dashes already read as underscores)
     resume = given.get("resume")
+    if resume == AUTO:
+        base = preset_path(given["preset"], name) if "preset" in given else None
+        out = given.get("output_dir") or load_config(config_cls, rest, EXTRA_ARGS, base)[0].output_dir
+        resume = auto_resume_dir(out)
+        given.pop("resume")
+        if resume is not None:  # the run's config.yaml (which holds the preset's values) is the base
+            given.pop("preset", None)
+            given["resume"] = resume
     if resume is not None and "preset" in given:
         raise ConfigError("--preset starts a new run; a resumed run keeps the config in its config.yaml")
     rest, saved = resume_base(name, given, rest)
@@ -101,6 +139,8 @@ def train_main(name: str, config_cls: type, trainer_cls: type, argv: Sequence[st
         print_help(name, config_cls)
         return 0
     cfg, extra, resume = parse_train_args(name, config_cls, argv)
+    check_run_inputs(cfg.output_dir, cfg.device, extra["policy"], extra.get("tokenizer"))
+    start_auto_run(cfg.output_dir, resume, asks_auto(argv))
     trainer = trainer_cls(
         cfg,
         policy=extra["policy"],
@@ -131,12 +171,13 @@ def grpo_main(argv: Sequence[str]) -> int:
 
 
 RM_USAGE = """usage: tether rm [--config FILE.yaml] --model PATH --data FILE [--eval-data FILE] [--output_dir DIR]
-                 [--resume RUN_DIR] [--FIELD VALUE ...]
+                 [--resume RUN_DIR|auto] [--FIELD VALUE ...]
 
 Train a reward model on preference pairs.
 
   --resume RUN_DIR   continue from the newest checkpoint of RUN_DIR (its config.yaml and inputs.yaml are used;
                      the command line overrides them, and output_dir defaults to RUN_DIR)
+  --resume auto      continue output_dir from its newest complete checkpoint if it has one, else start afresh
 
 RewardConfig fields (set in the --config file or as --FIELD VALUE):"""
 
@@ -150,6 +191,12 @@ def parse_rm_args(argv: Sequence[str]) -> tuple[Any, str | None]:
 
     given = split_args(argv)  # what the command line names (dashes already read as underscores)
     resume = given.get("resume")
+    if resume == AUTO:
+        out = given.get("output_dir") or load_config(RewardConfig, argv, extra=("resume",))[0].output_dir
+        resume = auto_resume_dir(out)
+        given.pop("resume")
+        if resume is not None:
+            given["resume"] = resume
     args, saved = resume_base("rm", given, list(argv))
     config, _ = load_config(RewardConfig, args, extra=("resume",))
     if resume is not None and "output_dir" not in given:
@@ -178,6 +225,8 @@ def rm_main(argv: Sequence[str]) -> int:
         config, resume = parse_rm_args(argv)
         if config.model is None or config.data is None:
             raise ConfigError("--model and --data are required (or set model/data in the --config file)")
+        check_run_inputs(config.output_dir, config.device, config.model, model_option="--model")
+        start_auto_run(config.output_dir, resume, asks_auto(argv))
         trainer = RewardTrainer(config)
         main = trainer.backend.is_main  # under a launcher, one process prints
         if resume is not None:

@@ -42,6 +42,30 @@ class Rollout:
     def response_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_length :]
 
+    def lengths(self) -> torch.Tensor:
+        """[B] tokens each row really has (prompt without its left padding, response up to its EOS)."""
+        return self.attention_mask.sum(-1)
+
+    def trimmed(self) -> Rollout:
+        """The same rows without the columns that are padding in every row: prompt columns left of the longest
+        prompt, response columns right of the longest response. Position ids come from the attention mask and
+        padding is masked out of attention, so the real tokens' logprobs and values do not change."""
+        P = self.prompt_length
+        left = P - int(self.attention_mask[:, :P].sum(-1).max())
+        T = max(int(self.response_mask.sum(-1).max()), 1)
+        if left == 0 and T == self.response_mask.shape[1]:
+            return self
+        kwargs: dict[str, object] = {"prompt_length": P - left}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("input_ids", "attention_mask"):
+                kwargs[f.name] = value[:, left : P + T]
+            elif isinstance(value, torch.Tensor) and value.dim() == 2:  # per response token
+                kwargs[f.name] = value[:, :T]
+            elif f.name != "prompt_length":
+                kwargs[f.name] = value
+        return Rollout(**kwargs)  # type: ignore[arg-type]
+
     def to(self, device: torch.device | str) -> Rollout:
         """Every tensor moved to ``device``."""
         return Rollout(**{f.name: _moved(getattr(self, f.name), device) for f in fields(self)})

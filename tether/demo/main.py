@@ -20,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tether.checks import ConfigError, check_output_dir
+
 DEFAULT_OUTPUT_DIR = "runs/demo"
 #: Default PPO steps per mode. ``--compare`` trains both arms with exactly the default run's settings: at the
 #: default learning rate the unpenalised arm has degenerated well before the last step.
@@ -132,6 +134,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    try:
+        check_output_dir(args.output_dir, "--output-dir")  # before any model loads or any run starts
+    except ConfigError as err:
+        parser.error(str(err))
     chosen = {"quick": args.quick, "compare": args.compare, "reward-model": args.reward_model}
     args.mode = next((mode for mode, on in chosen.items() if on), "sentiment")
     if args.algo != "ppo" and args.mode != "sentiment":
@@ -187,7 +193,9 @@ def _run(args: argparse.Namespace) -> None:
     )
     kl_coefs = f"{settings.kl_coef:g} vs 0" if args.mode == "compare" else f"{settings.kl_coef:g}"
     G = settings.num_generations
-    batch = settings.rollout_batch_size if settings.algo == "ppo" else f"{settings.rollout_batch_size // G} x {G}"
+    batch = (
+        settings.rollout_batch_size if settings.algo == "ppo" else f"{settings.rollout_batch_size // G} x {G}"
+    )
     print(
         f"tether demo: SmolLM2-135M-Instruct + LoRA, {settings.algo.upper()} on {settings.steps} x {batch} movie "
         f"prompts, reward = {reward}, kl_coef {kl_coefs}, {torch.get_num_threads()} CPU thread(s)\n"

@@ -6,7 +6,13 @@ The PPO/GRPO trainers use only :func:`build_reward` and the :class:`Reward` it r
     out = reward(prompts, responses, columns)   # out.scores [B], out.components {name: [B]}
 """
 
-from tether.rewards.base import RewardError, RewardFunction, RewardOutput, validate_scores
+from tether.rewards.base import (
+    RewardError,
+    RewardFunction,
+    RewardFunctionError,
+    RewardOutput,
+    validate_scores,
+)
 from tether.rewards.compose import Reward, build_reward, load_function
 from tether.rewards.losses import PairwiseLoss, bradley_terry_loss
 from tether.rewards.model import load_reward_model, score_texts, sequence_scores
@@ -33,6 +39,7 @@ __all__ = [
     "Reward",
     "RewardError",
     "RewardFunction",
+    "RewardFunctionError",
     "RewardOutput",
     "RunningNorm",
     "bradley_terry_loss",

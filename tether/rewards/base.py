@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import traceback
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -45,6 +47,48 @@ class RewardError(ValueError):
     Messages name the reward function or model, the row index and the problem, so that the failing row of a
     rollout batch can be found without a debugger.
     """
+
+
+class RewardFunctionError(RewardError):
+    """The user's reward function raised: names the function, the training step when known, the exception, and
+    the traceback lines of the user's own code (tether's frames are left out: the bug is in the function).
+
+    ``step`` is filled in by :class:`tether.rewards.Reward` when its caller passes one.
+    """
+
+    def __init__(self, name: str, error: BaseException, user_traceback: str, step: int | None = None) -> None:
+        super().__init__(name, error, user_traceback, step)
+        self.name = name
+        self.error = error
+        self.user_traceback = user_traceback
+        self.step = step
+
+    def __str__(self) -> str:
+        when = f" at step {self.step}" if self.step is not None else ""
+        head = f"reward {self.name} raised{when}: {type(self.error).__name__}: {self.error}"
+        return f"{head}\n{self.user_traceback.rstrip()}" if self.user_traceback.strip() else head
+
+
+def user_traceback(error: BaseException) -> str:
+    """The traceback lines of ``error`` outside the tether package: the user's own frames (and those of any
+    library their code called), without the frames of tether that called them."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frames = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if not os.path.abspath(frame.filename).startswith(package + os.sep)
+    ]
+    return "".join(traceback.format_list(frames))
+
+
+def call_reward_function(
+    fn: RewardFunction, name: str, prompts: list[str], responses: list[str], columns: Any
+) -> Any:
+    """``fn(prompts, responses, **columns)``; an exception it raises becomes a :class:`RewardFunctionError`."""
+    try:
+        return fn(prompts, responses, **columns)
+    except Exception as err:  # noqa: BLE001 - any bug in the user's function, reported as theirs
+        raise RewardFunctionError(name, err, user_traceback(err)) from err
 
 
 def validate_scores(values: object, n_rows: int, name: str) -> torch.Tensor:

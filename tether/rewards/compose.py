@@ -20,7 +20,14 @@ from typing import Any, Literal, Protocol, get_args
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tether.rewards.base import RewardError, RewardFunction, RewardOutput, validate_scores
+from tether.rewards.base import (
+    RewardError,
+    RewardFunction,
+    RewardFunctionError,
+    RewardOutput,
+    call_reward_function,
+    validate_scores,
+)
 from tether.rewards.model import check_one_label, load_reward_model, model_name, score_texts
 from tether.rewards.verifiable import VERIFIABLE_REWARDS, build_verifiable, is_verifiable_spec
 
@@ -52,7 +59,8 @@ class _FunctionScorer:
     def score(
         self, prompts: list[str], responses: list[str], columns: Mapping[str, Sequence[Any]]
     ) -> torch.Tensor:
-        return validate_scores(self.fn(prompts, responses, **columns), len(prompts), self.name)
+        values = call_reward_function(self.fn, self.name, prompts, responses, columns)
+        return validate_scores(values, len(prompts), self.name)
 
     def score_prompts(self, prompts: list[str], columns: Mapping[str, Sequence[Any]]) -> torch.Tensor:
         # r(prompt) for a function is its score of the empty response.
@@ -109,12 +117,30 @@ class Reward:
         self.weights: list[float] = [float(w) for w in weights]
         self.baseline: Baseline = baseline
         self.models: list[PreTrainedModel] = [s.model for s in scorers if isinstance(s, _ModelScorer)]
-        self.tokenizers: list[PreTrainedTokenizerBase] = [s.tokenizer for s in scorers if isinstance(s, _ModelScorer)]
+        self.tokenizers: list[PreTrainedTokenizerBase] = [
+            s.tokenizer for s in scorers if isinstance(s, _ModelScorer)
+        ]
 
     def __call__(
-        self, prompts: list[str], responses: list[str], columns: Mapping[str, Sequence[Any]] | None = None
+        self,
+        prompts: list[str],
+        responses: list[str],
+        columns: Mapping[str, Sequence[Any]] | None = None,
+        step: int | None = None,
     ) -> RewardOutput:
-        """Score [B] (prompt, response) rows; ``columns`` are extra [B] dataset columns passed to functions."""
+        """Score [B] (prompt, response) rows; ``columns`` are extra [B] dataset columns passed to functions.
+
+        ``step``: the training step being scored, named in the error when a reward function raises.
+        """
+        try:
+            return self._score(prompts, responses, columns)
+        except RewardFunctionError as err:
+            err.step = step
+            raise
+
+    def _score(
+        self, prompts: list[str], responses: list[str], columns: Mapping[str, Sequence[Any]] | None
+    ) -> RewardOutput:
         n_rows = len(prompts)
         if len(responses) != n_rows:
             raise RewardError(f"got {n_rows} prompts but {len(responses)} responses")
@@ -200,7 +226,14 @@ def _scorer(
             path = os.path.normpath(spec)
             name = os.path.basename(path)
             if name == "final" or name.startswith("step-"):  # runs/rm/final -> "rm", not "final"
-                name = os.path.basename(os.path.dirname(os.path.dirname(path)) if name.startswith("step-") else os.path.dirname(path)) or name
+                name = (
+                    os.path.basename(
+                        os.path.dirname(os.path.dirname(path))
+                        if name.startswith("step-")
+                        else os.path.dirname(path)
+                    )
+                    or name
+                )
             return _ModelScorer(model, tokenizer, name, batch_size, max_length)
         if ":" in spec:
             fn = load_function(spec)

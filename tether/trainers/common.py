@@ -19,23 +19,25 @@ from tether.backend import (
     Backend,
     SingleProcess,
     TorchDistributed,
+    autocast,
     enable_gradient_checkpointing,
     make_backend,
     make_grad_scaler,
     rank_slice,
 )
+from tether.checks import check_run_inputs
 from tether.config import ConfigError, RLConfig
 from tether.data import PromptData, PromptSampler, check_prompt_lengths, load_prompts, render_prompts
 from tether.health import HealthWarning
 from tether.kl import KLTerms, kl_k1, kl_needs_logits, kl_needs_loss_term, make_kl_controller, token_kl
 from tether.logprobs import PolicyForward, response_logits
 from tether.losses import aggregate, loss_normalizer
-from tether.models import AdapterDisabledReference, load_causal_lm, load_tokenizer
+from tether.models import AdapterDisabledReference, context_length, load_causal_lm, load_tokenizer
 from tether.ops import masked_mean
 from tether.plan import check_memory_at_start
 from tether.rewards import Reward, RunningNorm, build_reward
 from tether.rewards.model import uses_last_token_pooling
-from tether.rollout import concat_rollouts
+from tether.rollout import Generation, build_rollout, concat_rollouts
 from tether.run import LoopState, RunOutputs, linear_schedule, report_health
 from tether.sampling import biased_sampling_warning, check_sampling_config
 from tether.sharding import (
@@ -68,26 +70,30 @@ def load_rl_inputs(
     prompts: Any,
     tokenizer: str | Path | PreTrainedTokenizerBase | None,
 ) -> RLInputs:
-    """Check the sampling settings and the memory plan, seed, then load the policy, tokenizer, prompts
-    (chat-rendered) and reward. ``algo``: "ppo" or "grpo" (which models the memory plan counts)."""
+    """Check the inputs up front - sampling settings, output directory, device, policy and tokenizer paths,
+    then the prompts (chat-rendered) against max_prompt_length and the policy's context - and the memory plan,
+    seed, then load the policy and the reward. Every check runs before the first model loads, so a bad input
+    costs seconds and gets one message. ``algo``: "ppo" or "grpo" (which models the memory plan counts)."""
     check_sampling_config(config.sampling)
     warning = biased_sampling_warning(config.sampling)
     if warning:
         print(warning, file=sys.stderr)
+    check_run_inputs(config.output_dir, config.device, policy, tokenizer)
     backend = make_backend(group_for_one=config.sharding == "fsdp" or accelerate_asks_fsdp())
     for change in apply_launcher_settings(config, backend.world_size, isinstance(backend, TorchDistributed)):
         if backend.is_main:
             print(f"tether: {change}", file=sys.stderr)
     check_world_size(config, backend.world_size)
     device = backend.device(config.device)
+    tok = load_tokenizer(tokenizer, policy)
+    data = render_prompts(load_prompts(prompts), tok)
+    context = context_length(policy)
+    check_prompt_lengths(data, tok, config.max_prompt_length, context, config.sampling.max_new_tokens)
     check_memory_at_start(config, algo, policy, backend.world_size, device, reward=reward)  # before loading
     torch.manual_seed(config.seed)
     model = load_causal_lm(policy)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    tok = load_tokenizer(tokenizer, policy)
-    data = render_prompts(load_prompts(prompts), tok)
-    check_prompt_lengths(data, tok, config.max_prompt_length)
     built = (
         reward
         if isinstance(reward, Reward)
@@ -243,6 +249,79 @@ def kl_loss_term(
     )
 
 
+def policy_forward_due(config: RLConfig, step: int, generation: Generation) -> bool:
+    """Whether the rollout of step ``step`` (0-based) runs the policy forward over its sampled tokens.
+
+    The sampler's logprobs and entropy stand in for the forward's (the same numbers from the same logits, to
+    float rounding) except on the steps ``logprob_check_steps`` sets aside to measure that agreement, and when
+    they cannot: the exact KL needs the policy's logits, mixed precision trains in another precision than the
+    float32 sampler, and a generator may not keep them.
+    """
+    if generation.logprobs is None or generation.model_logprobs is None or generation.entropy is None:
+        return True
+    if config.mixed_precision != "no" or config.kl.log_exact or kl_needs_logits(config.kl.estimator):
+        return True
+    every = config.logprob_check_steps
+    return step == 0 or (every > 0 and step % every == 0)
+
+
+def rollout_forwards(
+    config: RLConfig,
+    generation: Generation,
+    policy: nn.Module,
+    eos_token_ids: list[int],
+    device: torch.device,
+    *,
+    ref_policy: nn.Module | None,
+    value_model: nn.Module | None = None,
+    policy_forward: bool = True,
+) -> Rollout:
+    """The no-grad forwards over ``generation`` (:func:`tether.rollout.build_rollout`) with the run's settings,
+    under its autocast."""
+    with autocast(device, config.mixed_precision):
+        return build_rollout(
+            generation,
+            policy,
+            config.sampling,
+            eos_token_ids,
+            ref_policy=ref_policy,
+            value_model=value_model,
+            kl_estimator=config.kl.estimator,
+            log_exact_kl=config.kl.log_exact,
+            chunk_size=config.forward_batch_size or config.micro_batch_size,
+            policy_forward=policy_forward,
+        )
+
+
+def micro_batch_of(rollout: Rollout, rows: torch.Tensor, *per_row: torch.Tensor) -> tuple[Rollout, ...]:
+    """Rows ``rows`` of ``rollout`` with the all-padding columns trimmed (:meth:`Rollout.trimmed`), and the same
+    rows of each per-row tensor ([B] as is, [B, T] cut to the trimmed T)."""
+    batch = rollout.index(rows).trimmed()
+    T = batch.response_mask.shape[1]
+    return (batch, *(x[rows][:, :T] if x.dim() == 2 else x[rows] for x in per_row))
+
+
+def micro_batches(
+    rows: torch.Tensor, lengths: torch.Tensor, max_rows: int, max_tokens: int | None
+) -> list[torch.Tensor]:
+    """Split ``rows`` into micro-batches of similar length, longest first: rows sorted by ``lengths`` (of all B
+    rows), at most ``max_rows`` per micro-batch and, with ``max_tokens``, at most that many padded tokens (rows x
+    the longest row's length; a row longer than the budget goes alone). The sort is stable, so equal lengths
+    keep their shuffled order."""
+    order = torch.sort(lengths[rows], descending=True, stable=True).indices
+    rows = rows[order]
+    row_lengths = lengths[rows].tolist()
+    out: list[torch.Tensor] = []
+    start = 0
+    while start < len(rows):
+        end = min(start + max_rows, len(rows))
+        if max_tokens is not None:  # the first row of a micro-batch is its longest
+            end = min(end, start + max(1, max_tokens // max(int(row_lengths[start]), 1)))
+        out.append(rows[start:end])
+        start = end
+    return out
+
+
 MicroBatchLoss = Callable[[torch.Tensor, float], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
@@ -258,6 +337,7 @@ def run_updates(
     per_token: frozenset[str],
     backend: Backend | None = None,
     grad_scaler: Any = None,
+    lengths: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """``epochs`` passes of shuffled mini-batch optimiser steps, each accumulating micro-batch gradients.
 
@@ -270,8 +350,17 @@ def run_updates(
     of every mini-batch, the gradients are summed over the processes before the step, and so are the statistics.
     With fp16, ``grad_scaler`` scales the loss before backward and unscales the gradients before clipping; it
     skips a step whose gradients overflowed (and lowers its scale).
+
+    Each process's rows are split into micro-batches by :func:`micro_batches`: sorted by ``lengths`` [B] (each
+    row's real tokens; default all equal) so a micro-batch pads little once trimmed, ``micro_batch_size`` rows at
+    most and, with ``config.micro_batch_tokens``, a token budget. The gradient is the same sum either way.
     """
     backend = backend or SingleProcess()
+    if lengths is None:
+        lengths = torch.ones(response_mask.shape[0], dtype=torch.long, device=response_mask.device)
+    if config.micro_batch_tokens is not None and backend.world_size > 1:
+        # every process must run the same number of forwards (sharded models gather in each one)
+        raise ConfigError("micro_batch_tokens works in one process only for now; use micro_batch_size")
     B = response_mask.shape[0]
     device = response_mask.device
     totals: dict[str, float] = {}
@@ -286,10 +375,8 @@ def run_updates(
             )
             optimizer.zero_grad(set_to_none=True)
             mine = mb[rank_slice(len(mb), backend.rank, backend.world_size, "mini_batch_size")]
-            for micro_start in range(0, len(mine), config.micro_batch_size):
-                loss, stats = micro_batch_loss(
-                    mine[micro_start : micro_start + config.micro_batch_size], normalizer
-                )
+            for rows in micro_batches(mine, lengths, config.micro_batch_size, config.micro_batch_tokens):
+                loss, stats = micro_batch_loss(rows, normalizer)
                 (loss if grad_scaler is None else grad_scaler.scale(loss)).backward()
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
@@ -376,7 +463,7 @@ class SampleBatch(NamedTuple):
 
 
 class StepTimes(NamedTuple):
-    """``time.perf_counter()`` at the start of a step, after generation, after advantages and after the update."""
+    """``time.perf_counter()`` at the start of a step, after sampling, after advantages and after the update."""
 
     start: float
     generated: float
@@ -403,6 +490,7 @@ def record_step(
     metrics.update(
         {
             "lr": state.scheduler.get_last_lr()[0],
+            "time/generate_s": times.generated - times.start,
             "time/rollout_s": times.prepared - times.start,
             "time/update_s": times.updated - times.prepared,
             "perf/episodes_per_s": config.rollout_batch_size / (times.updated - times.start),

@@ -41,7 +41,7 @@ from tether.kl import kl_shaped_rewards
 from tether.logprobs import policy_logprobs
 from tether.losses import PolicyLossSettings, aggregate, approx_kl, policy_loss
 from tether.models import disable_dropout, frozen_copy
-from tether.rollout import HFGenerator, build_rollout
+from tether.rollout import Generation, HFGenerator
 from tether.run import (
     claim_run_dir,
     input_specs,
@@ -60,7 +60,10 @@ from tether.trainers.common import (
     kl_loss_term,
     load_rl_inputs,
     make_loop_state,
+    micro_batch_of,
+    policy_forward_due,
     record_step,
+    rollout_forwards,
     rollout_metrics,
     run_updates,
     shape_scores,
@@ -206,21 +209,22 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ 1. rollout
 
-    def rollout(self, prompts: Sequence[str]) -> Rollout:
+    def rollout(self, prompts: Sequence[str], policy_forward: bool = True) -> Rollout:
         """Sample one completion per row of ``prompts`` (already repeated G times) and run the no-grad forwards."""
-        cfg = self.config
-        generation = self.generator(prompts)
-        with autocast(self.device, cfg.mixed_precision):
-            return build_rollout(
-                generation,
-                self.policy,
-                cfg.sampling,
-                self.eos_token_ids,
-                ref_policy=self.ref_policy,
-                kl_estimator=cfg.kl.estimator,
-                log_exact_kl=cfg.kl.log_exact,
-                chunk_size=cfg.forward_batch_size or cfg.micro_batch_size,
-            )
+        return self.rollout_of(self.generator(prompts), policy_forward)
+
+    def rollout_of(self, generation: Generation, policy_forward: bool = True) -> Rollout:
+        """The no-grad forwards over sampled responses; without ``policy_forward`` the sampler's logprobs and
+        entropy stand in for the policy's (see :func:`tether.trainers.common.policy_forward_due`)."""
+        return rollout_forwards(
+            self.config,
+            generation,
+            self.policy,
+            self.eos_token_ids,
+            self.device,
+            ref_policy=self.ref_policy,
+            policy_forward=policy_forward,
+        )
 
     # ------------------------------------------------------------------ 5. update
 
@@ -259,7 +263,7 @@ class GRPOTrainer:
 
         def loss_of(rows: torch.Tensor, normalizer: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             with autocast(self.device, self.config.mixed_precision):  # forwards only: backward runs outside
-                return self.micro_batch_loss(rollout.index(rows), advantages[rows], normalizer)
+                return self.micro_batch_loss(*micro_batch_of(rollout, rows, advantages), normalizer)
 
         s = self.state
         return run_updates(
@@ -274,6 +278,7 @@ class GRPOTrainer:
             PER_TOKEN_STATS,
             self.backend,
             s.grad_scaler,
+            rollout.lengths(),
         )
 
     # ------------------------------------------------------------------ the loop
@@ -294,6 +299,7 @@ class GRPOTrainer:
             resumed_step=state.step if self._resumed_from is not None else None,
             max_new_tokens=cfg.sampling.max_new_tokens,
             is_main=self.backend.is_main,
+            resumed_from=self._resumed_from,
         )
         self.health_warnings: list[HealthWarning] = []
         history: list[dict[str, float]] = []
@@ -307,12 +313,13 @@ class GRPOTrainer:
                     len(indices), self.backend.rank, self.backend.world_size, "rollout_batch_size"
                 )
                 prompts, columns = self.data.select([i for i in indices[share] for _ in range(G)])
-                ro = self.rollout(prompts)
-                completions = self.tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
+                generation = self.generator(prompts)
                 t_gen = time.perf_counter()
+                ro = self.rollout_of(generation, policy_forward_due(cfg, state.step, generation))
+                completions = self.tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
 
                 # 2. score this process's rows, then stack every process's step (nothing to do in one process)
-                reward_out = self.reward(prompts, completions, columns)
+                reward_out = self.reward(prompts, completions, columns, step=state.step + 1)
                 raw_scores = missing_eos_penalty(
                     reward_out.scores.to(self.device), ro.has_eos, cfg.missing_eos_penalty
                 )

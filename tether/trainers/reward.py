@@ -31,18 +31,12 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
-import yaml
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.backend import Backend, SingleProcess, make_backend, on_main
-from tether.checkpoint import (
-    latest_checkpoint,
-    load_policy_weights,
-    load_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from tether.config import ConfigError, save_yaml, to_dict
+from tether.checkpoint import load_policy_weights, save_checkpoint, set_rng_state
+from tether.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range, check_ranges
+from tether.config import ConfigError, to_dict
 from tether.data import DataError
 from tether.logging import ConsoleLogger, MultiLogger, build_loggers
 from tether.models import disable_dropout
@@ -59,13 +53,35 @@ from tether.rewards.model import (
 )
 from tether.rewards.normalize import normalize_reward_model
 from tether.run import (
-    INPUTS_FILE,
     claim_run_dir,
+    enter_run_dir,
     finish_run,
     input_specs,
     linear_schedule,
+    open_checkpoint,
+    release_run_lock,
+    run_dir_of,
     write_report,
+    write_run_files,
 )
+
+#: Allowed values of RewardConfig's fields (every float field must also be finite).
+REWARD_RANGES: dict[str, Range] = {
+    "learning_rate": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "max_grad_norm": Range(
+        0, low_open=True, hint="; use null (--max_grad_norm none) to disable gradient clipping"
+    ),
+    "num_epochs": AT_LEAST_ONE,
+    "batch_size": AT_LEAST_ONE,
+    "micro_batch_size": AT_LEAST_ONE,
+    "max_length": AT_LEAST_ONE,
+    "eval_fraction": Range(0, 1, high_open=True, hint=" (0 disables evaluation)"),
+    "logging_steps": AT_LEAST_ONE,
+    "eval_steps": Range(0, hint=" (0 evaluates at the end of every epoch)"),
+    "save_steps": Range(0, hint=" (0 disables intermediate checkpoints)"),
+    "save_total_limit": AT_LEAST_ONE,
+}
 
 
 @dataclass
@@ -129,22 +145,10 @@ class RewardConfig:
     these score mean 0 / std 1 (OpenAI lm-human-preferences); stored in the saved model's config."""
 
     def __post_init__(self) -> None:
-        positive = ("learning_rate", "num_epochs", "batch_size", "micro_batch_size", "logging_steps")
-        for name in (*positive, "save_total_limit"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        check_ranges(self, REWARD_RANGES)
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
-            )
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.eval_steps < 0 or self.save_steps < 0:
-            raise ConfigError("eval_steps and save_steps must be >= 0")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(
-                f"max_grad_norm must be > 0, got {self.max_grad_norm}; use null (--max_grad_norm none) "
-                "to disable gradient clipping"
             )
 
     @property
@@ -436,16 +440,19 @@ class RewardTrainer:
 
     def resume(self, run_dir: str | Path | None = None) -> Path:
         """Restore the model, optimiser, scheduler, shuffling and RNG states from the newest checkpoint of
-        ``run_dir`` (default: the config's output_dir); returns the checkpoint's path."""
-        ckpt = latest_checkpoint(Path(run_dir) if run_dir is not None else self.run_dir)
-        saved = load_state(ckpt)
-        load_policy_weights(self.model, ckpt)
-        self.state.load_state_dict(saved)
-        if self.state.order and len(self.state.order) != len(self.train_pairs.chosen):
+        ``run_dir`` (default: the config's output_dir); returns the checkpoint's path.
+
+        The main process locks ``run_dir`` (a live run is refused); an incomplete or corrupt newest checkpoint is
+        skipped with a warning; data that no longer fits the checkpoint is refused before anything is loaded.
+        """
+        ckpt, saved = open_checkpoint(Path(run_dir) if run_dir is not None else self.run_dir)
+        if saved["order"] and len(saved["order"]) != len(self.train_pairs.chosen):
             raise ConfigError(
-                f"cannot resume from {ckpt}: it was trained on {len(self.state.order)} pairs per epoch, this "
+                f"cannot resume from {ckpt}: it was trained on {len(saved['order'])} pairs per epoch, this "
                 f"run has {len(self.train_pairs.chosen)} (different data, eval_fraction or seed)"
             )
+        load_policy_weights(self.model, ckpt)
+        self.state.load_state_dict(saved)
         set_rng_state(saved["rng"])  # last: loading the weights above draws from the global RNG
         self._resumed_from = ckpt
         return ckpt
@@ -456,12 +463,16 @@ class RewardTrainer:
             self.run_dir, state.step, self.model, self.tokenizer, state.state_dict(), cfg.save_total_limit
         )
 
-    def _write_run_files(self) -> None:
-        """``config.yaml`` and ``inputs.yaml`` (the main process's part of opening the run directory)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(self.config, self.run_dir / "config.yaml")
-        if self.inputs:
-            (self.run_dir / INPUTS_FILE).write_text(yaml.safe_dump(self.inputs, sort_keys=False))
+    def _open_run_dir(self) -> list[Path]:
+        """The main process's part of opening the run directory: claim it (a fresh run) or check that it
+        belongs to the resumed run, lock it, write ``config.yaml`` and ``inputs.yaml``; returns the directories
+        whose locks the run holds."""
+        source = None if self._resumed_from is None else run_dir_of(self._resumed_from)
+        if source is None:
+            claim_run_dir(self.run_dir, self.config.overwrite_output_dir)
+        locked = enter_run_dir(self.run_dir, source)
+        write_run_files(self.run_dir, self.config, self.inputs)
+        return locked
 
     def _gradients(self, batch: Sequence[int]) -> StepStats:
         """The gradient and statistics of one optimiser step's ``batch`` of pairs, summed over the processes.
@@ -489,10 +500,13 @@ class RewardTrainer:
         """
         cfg, model, state, backend = self.config, self.model, self.state, self.backend
         resumed = self._resumed_from is not None
-        if not resumed:
-            on_main(backend, claim_run_dir, self.run_dir, cfg.overwrite_output_dir)
-        on_main(backend, self._write_run_files)
-        loggers = _loggers(cfg, self.run_dir, state.step if resumed else None, backend.is_main)
+        locked = on_main(backend, self._open_run_dir) or []
+        try:
+            loggers = _loggers(cfg, self.run_dir, state.step if resumed else None, backend.is_main)
+        except BaseException:
+            for run_dir in locked:
+                release_run_lock(run_dir)
+            raise
         optimizer, scheduler = state.optimizer, state.scheduler
         n_train = len(self.train_pairs.chosen)
         history: list[dict[str, float]] = []
@@ -551,6 +565,8 @@ class RewardTrainer:
             on_main(backend, finish_run, model, self.tokenizer, self.run_dir)
         finally:
             loggers.close()
+            for run_dir in locked:
+                release_run_lock(run_dir)
         # after close(): the report reads metrics.jsonl
         self.report_path = on_main(backend, write_report, self.run_dir, cfg.report)
         return history
