@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces docs/report.png and docs/report_samples.png: screenshots of the HTML report of a real run
+# Reproduces docs/report.png, docs/report_quality.png and docs/report_samples.png: screenshots of the HTML report of a real run
 # (the toy task of `tether demo --quick`, ~1 minute on two CPU cores), rendered by headless Chromium.
 #
 # Needs Debian's chromium (run once, as root):
@@ -44,8 +44,9 @@ EOF
     | grep -o 'data-layout="[^"]*"' > "$WORK/layout.txt"
 HEIGHT=$(python -c "import html, json, sys; print(json.loads(html.unescape(open(sys.argv[1]).read().strip()[13:-1]))['height'])" "$WORK/layout.txt")
 
-# 3. the whole page at 1280 px wide, then two crops: the top (summary and the first plot sections, up to the
-#    "Policy" heading) and the bottom (samples, health warnings, the first 8 lines of the config)
+# 3. the whole page at 1280 px wide, then three crops: the top (summary and the first plot sections, up to the
+#    "Policy" heading), the text-quality and KL-by-token section, and the bottom (samples, health warnings,
+#    the first 8 lines of the config)
 "${CHROMIUM[@]}" --window-size="1280,$HEIGHT" --screenshot="$WORK/page.png" "file://$REPORT" 2>/dev/null
 python - "$WORK/page.png" "$WORK/layout.txt" <<'EOF'
 import html, json, sys
@@ -55,6 +56,7 @@ layout = json.loads(html.unescape(open(sys.argv[2]).read().strip()[13:-1]))
 page = Image.open(sys.argv[1]).convert("RGB")
 crops = {
     "docs/report.png": (0, layout["Policy"] - 12),
+    "docs/report_quality.png": (layout["Text quality and KL by token"] - 16, layout["Samples"] - 16),
     "docs/report_samples.png": (layout["Samples"] - 16, layout["config_8_lines"] + 1),
 }
 for path, (top, bottom) in crops.items():
@@ -63,4 +65,4 @@ for path, (top, bottom) in crops.items():
     shot.save(path, optimize=True)
     print(f"{path}: {shot.width}x{shot.height}")
 EOF
-ls -l docs/report.png docs/report_samples.png
+ls -l docs/report.png docs/report_quality.png docs/report_samples.png

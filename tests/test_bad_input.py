@@ -348,7 +348,7 @@ def test_reward_function_that_raises(work: Work, capsys: pytest.CaptureFixture[s
     assert code == 2
     assert "Traceback" not in err
     lines = err[err.index("tether ppo: error: ") :].splitlines()
-    assert lines[0].startswith("tether ppo: error: reward broken raised")
+    assert lines[0].startswith("tether ppo: error: reward broken raised at step 1: KeyError")
     assert lines[0].endswith(": KeyError: 'score'")
     # The user's own frames follow, and none of tether's.
     assert f'File "{work.rewards}", line 4, in broken' in lines[1]

@@ -171,6 +171,6 @@ def test_launcher_settings_come_from_accelerates_environment(monkeypatch):
                             sharding="fsdp")
     apply_launcher_settings(one, 1)
     assert one.sharding == "none"  # nothing to shard over
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ConfigError, match="DeepSpeed.*FSDP"):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # DeepSpeed where the tether config says FSDP: refused
+    with pytest.raises(ConfigError, match="DeepSpeed.*sharding: fsdp"):
         apply_launcher_settings(cfg, 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 from collections.abc import Callable
 
 import pytest
@@ -185,3 +186,77 @@ def test_clearing_needs_patience_too() -> None:
     # KL hovering at the threshold: above for 5, below for 2, above for 5 ... is one ongoing problem.
     rows = perturbed("objective/kl", lambda s, v: 14.0 if (s - 40) % 7 < 5 else 9.0, start=40)
     assert [(w.code, w.step) for w in check_history(rows, monitor())] == [("kl_high", 44)]
+
+
+# -- reward hacking -------------------------------------------------------------------------------------------
+
+
+def quality_stream(
+    reward: Callable[[int], float],
+    distinct: Callable[[int], float],
+    kl_share: Callable[[int], float] = lambda s: 0.2,
+    kl: float = 3.0,
+    n: int = 40,
+    seed: int = 0,
+) -> list[Row]:
+    """Reward, diversity and KL concentration as functions of the step, with a little batch noise."""
+    rng = random.Random(seed)
+    return [
+        {
+            "step": s,
+            "objective/scores": reward(s) + rng.gauss(0, 0.01),
+            "objective/scores_std": 0.3,
+            "objective/kl": kl,
+            "quality/distinct_1": distinct(s) + rng.gauss(0, 0.005),
+            "kl/top5_token_share": kl_share(s),
+        }
+        for s in range(1, n + 1)
+    ]
+
+
+def rising(s: int) -> float:
+    return 0.2 + 0.02 * s  # +0.6 over 30 steps: two within-batch stds
+
+
+def hacking_codes(rows: list[Row], **kwargs) -> list[HealthWarning]:
+    return [w for w in check_history(rows, HealthMonitor(**kwargs)) if w.code == "reward_hacking"]
+
+
+def test_reward_hacking_fires_when_reward_rises_and_diversity_falls() -> None:
+    # distinct-1 0.55 until step 15, then 0.42; baseline (steps 1-3) 0.55, so it is 0.13 below from step 16.
+    # The reward's baseline is 0.24 (steps 1-3) and its last-5 mean at step s is 0.2 + 0.02 (s - 2): more than
+    # 0.5 std (0.15) above from step 12. So the condition holds from step 16 and fires after patience 5, at 20.
+    rows = quality_stream(rising, lambda s: 0.55 if s < 16 else 0.42)
+    warnings = hacking_codes(rows)
+    assert [w.step for w in warnings] == [20]
+    assert re.search(r"quality/distinct_1 fell from 0\.5[45]\d* to 0\.4[12]\d*,", warnings[0].message)
+    assert "kl.coef" in warnings[0].advice and "tether report" in warnings[0].advice
+    assert "repetition" in warnings[0].advice
+
+
+def test_reward_hacking_fires_when_the_kl_concentrates_on_a_few_tokens() -> None:
+    rows = quality_stream(rising, lambda s: 0.55, kl_share=lambda s: 0.2 if s < 16 else 0.7)
+    warnings = hacking_codes(rows)
+    assert [w.step for w in warnings] == [20] and "kl/top5_token_share = 0.70" in warnings[0].message
+    # the same concentration of a KL that is still near zero (noise) is not evidence
+    assert hacking_codes(quality_stream(rising, lambda s: 0.55, kl_share=lambda s: 0.9, kl=0.2)) == []
+
+
+def test_reward_hacking_is_quiet_on_healthy_learning_and_on_a_flat_reward() -> None:
+    # reward rising with diversity steady (within the 0.05 tolerance) and the KL spread over many tokens
+    assert hacking_codes(quality_stream(rising, lambda s: 0.55 - 0.001 * s)) == []
+    # a flat reward with low (and falling) diversity: not hacking, nothing is being exploited
+    assert hacking_codes(quality_stream(lambda s: 0.5, lambda s: 0.3 if s < 16 else 0.2)) == []
+    # diversity falling while the reward rises by less than half a within-batch std
+    assert hacking_codes(quality_stream(lambda s: 0.2 + 0.003 * s, lambda s: 0.3)) == []
+    # and the existing streams, which log no quality metrics, are untouched
+    assert check_history(healthy_stream(), monitor()) == []
+
+
+def test_reward_hacking_against_a_reference_baseline() -> None:
+    # The reference model's samples had distinct-1 0.62; the policy's 0.55 from step 1 is already 0.07 below.
+    rows = quality_stream(rising, lambda s: 0.55)
+    assert hacking_codes(rows) == []
+    warnings = hacking_codes(rows, quality_baseline={"quality/distinct_1": 0.62})
+    # the reward's rise is first clear at step 12 (see above), so it fires at 16
+    assert [w.step for w in warnings] == [16] and "fell from 0.62 to 0.5" in warnings[0].message

@@ -312,6 +312,11 @@ def save_pretrained_atomic(
     _write_atomically(out_dir, tmp, write, f"{out_dir}", lambda: _last_good(run_dir, None))
 
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives: ``run_dir/checkpoints/step-NNNNNN``."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:06d}"
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -341,7 +346,7 @@ def save_checkpoint(
         _test_pause()
         _save_torch(payload, tmp / STATE_FILE)
 
-    final = root / f"step-{step:06d}"
+    final = checkpoint_path(run_dir, step)
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
     _write_atomically(final, tmp, write, what, lambda: _last_good(run_dir, step), step=step)
     _rotate(run_dir, step, keep)

@@ -96,11 +96,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"tether: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
+    from tether.stop import RunStopped
+
     try:
         return COMMANDS[command](rest)
     except USER_ERRORS as exc:
         print(f"tether {command}: error: {exc}", file=sys.stderr)
         return 2
+    except RunStopped as stopped:  # SIGINT / SIGTERM: the run saved a checkpoint and stopped
+        print(f"tether {command}: {stopped}", file=sys.stderr)
+        return stopped.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C (or one outside a training loop): stop at once
+        print(f"\ntether {command}: interrupted; the last complete checkpoint is kept", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

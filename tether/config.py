@@ -56,6 +56,9 @@ RL_RANGES: dict[str, Range] = {
     "forward_batch_size": AT_LEAST_ONE,
     "reward_batch_size": AT_LEAST_ONE,
     "reward_clip": POSITIVE,
+    "logprob_check_steps": NON_NEGATIVE,
+    "micro_batch_tokens": AT_LEAST_ONE,
+    "max_nonfinite_steps": Range(0, hint=" (0 never stops; each skipped update still warns)"),
     # PPOConfig
     "ppo_epochs": AT_LEAST_ONE,
     "cliprange_value": Range(0, low_open=True, hint="; use none to disable value clipping"),
@@ -182,6 +185,9 @@ class RLConfig:
     """Prompts longer than this many tokens are an error (naming the row)."""
     forward_batch_size: int | None = None
     """Sequences per no-grad rollout forward (policy, reference, value); None = micro_batch_size."""
+    max_nonfinite_steps: int = 3
+    """A step whose update would read or compute NaN / inf (advantages, logprobs, values, KL, a loss or a gradient)
+    skips that update and warns; this many such steps in a row stop the run with advice (0: never stop)."""
     logprob_check_steps: int = 10
     """The old logprobs and entropy come from the sampling loop, which computes them from the logits it samples
     with; on the first step and every this many steps the rollout also runs the policy forward over the sampled
@@ -209,11 +215,16 @@ class RLConfig:
     gradient_checkpointing: bool = False
     """Recompute the policy's (and value model's) activations in the backward pass instead of storing them:
     less memory for a longer update (transformers' gradient_checkpointing_enable, non-reentrant)."""
-    sharding: Literal["none", "fsdp"] = "none"
+    sharding: Literal["none", "fsdp", "deepspeed"] = "none"
     """With several processes: "none" keeps a whole copy of every model on each process and sums gradients (as
     DDP does); "fsdp" shards the trained models (policy, value model) - weights, gradients and optimiser state -
-    over the processes with PyTorch FSDP2, one unit per decoder layer. Under `accelerate launch` with an FSDP
-    accelerate config, "none" is read as "fsdp". One process ignores it."""
+    over the processes with PyTorch FSDP2, one unit per decoder layer; "deepspeed" trains them with a DeepSpeed
+    ZeRO engine (``zero_stage``; needs the ``deepspeed`` extra). Under `accelerate launch` with an FSDP or a
+    DeepSpeed accelerate config, "none" is read as "fsdp" / "deepspeed". One process ignores it."""
+    zero_stage: int = 2
+    """Under sharding "deepspeed": the ZeRO stage, 1 (AdamW state split over the processes) or 2 (gradients
+    too); an accelerate DeepSpeed config's zero_stage overrides it. Stage 3 is not supported yet: use sharding
+    "fsdp", which shards the weights as ZeRO-3 does."""
     shard_frozen_models: bool = False
     """Under sharding "fsdp", shard the frozen models too (the reference and any reward models), instead of a
     whole copy of each on every process."""
@@ -237,6 +248,11 @@ class RLConfig:
             exact_div(self.mini_batch_size, self.micro_batch_size, "mini_batch_size / micro_batch_size")
         except ValueError as exc:
             raise ConfigError(f"batch sizes do not divide: {exc}") from None
+        if self.zero_stage not in (1, 2):
+            raise ConfigError(
+                f"zero_stage must be 1 or 2, got {self.zero_stage}: ZeRO-3 is not supported yet; sharding: fsdp "
+                "shards the weights, gradients and optimiser state as ZeRO-3 does - see docs/distributed.md"
+            )
         if self.sampling.allow_biased and self.kl.estimator not in ("k3", "full"):
             raise ConfigError(
                 f"sampling.allow_biased=true needs kl.estimator 'k3' or 'full' (got {self.kl.estimator!r}): "

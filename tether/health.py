@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tether.quality import BASELINE_STEPS
+
 _FAQ = "the TRL training FAQ"
 
 # Advice shared by the two negative-KL conditions (TRL FAQ, "What is the concern with negative KL divergence?").
@@ -102,6 +104,16 @@ ADVICE: dict[str, str] = {
         "from a working example, changing one thing at a time, and keeping in mind that a small model may lack "
         "the capacity for the task."
     ),
+    "reward_hacking": (
+        "Likely reward hacking: the policy has found tokens or patterns the reward pays for that are not better "
+        f"text, and the KL penalty is not holding it back ({_FAQ}: optimising the reward alone exploits it). "
+        "Read the samples (`tether report RUN_DIR`): the 'KL by token' table names the token types the KL is "
+        'paying for and each sample\'s high_kl_tokens marks them in the response; a few words ("love", '
+        '"!") at the top of that list while the reward climbs is the pattern. Try a larger KL coefficient '
+        "(kl.coef) or an adaptive KL controller with a target (kl.target), a reward that penalises repetition "
+        "(subtract a repeated n-gram share, cap the count of a word), or a lower learning rate or fewer steps. "
+        "Ignore it if the task really asks for a narrow vocabulary (a fixed answer format)."
+    ),
     "value_explained_variance": (
         "The value head predicts returns worse than a constant, so GAE advantages are mostly noise. Early in "
         "training this is normal; for this long it is not. Give the value head more learning (vf_coef, its "
@@ -139,6 +151,8 @@ class _Missing:
 
 
 _MISSING = _Missing()
+# What the reward-hacking check averages over the first steps as its baseline.
+_BASELINE_KEYS = ("objective/scores", "objective/scores_std", "quality/distinct_1")
 # A check returns None (condition does not hold), a message (it holds), or _MISSING (cannot tell this step).
 _CheckResult = str | None | _Missing
 
@@ -179,6 +193,18 @@ class HealthMonitor:
         min_reward_improvement: see ``reward_stall_steps``.
         explained_variance_patience: consecutive steps of ``value/explained_variance < 0`` before it fires;
             longer than ``patience`` because a fresh value head starts worse than a constant.
+        quality_baseline_steps: the first this many steps fed to the monitor are the baseline of the
+            reward-hacking check (mean ``objective/scores``, its within-batch std, ``quality/distinct_1``).
+        quality_baseline: the baseline ``quality/distinct_1`` (and other ``quality/*``) from samples of the
+            reference model (:func:`tether.quality.texts_quality`), instead of the first steps' value.
+        hacking_window: steps over which the reward is averaged to decide that it has risen.
+        hacking_reward_rise: the reward has risen when that average is above the baseline reward by more than
+            this many baseline within-batch stds (``objective/scores_std``): scale-free, and clear of the
+            noise of a batch mean.
+        max_distinct_drop: ``quality/distinct_1`` more than this below its baseline is a loss of diversity.
+        max_kl_top5_share: ``kl/top5_token_share`` above this means the KL concentrates on a few token types.
+        hacking_min_kl: the concentration counts only with ``objective/kl`` at least this (nats per sequence):
+            a near-zero KL is noise, however it splits over tokens.
     """
 
     def __init__(
@@ -201,11 +227,20 @@ class HealthMonitor:
         reward_stall_steps: int = 50,
         min_reward_improvement: float = 0.0,
         explained_variance_patience: int = 20,
+        quality_baseline_steps: int = BASELINE_STEPS,
+        quality_baseline: Mapping[str, float] | None = None,
+        hacking_window: int = 5,
+        hacking_reward_rise: float = 0.5,
+        max_distinct_drop: float = 0.05,
+        max_kl_top5_share: float = 0.5,
+        hacking_min_kl: float = 1.0,
     ) -> None:
         if patience < 1 or explained_variance_patience < 1:
             raise ValueError("patience values must be >= 1")
         if reward_window < 2 or reward_stall_steps < 1:
             raise ValueError("reward_window must be >= 2 and reward_stall_steps >= 1")
+        if quality_baseline_steps < 1 or hacking_window < 1:
+            raise ValueError("quality_baseline_steps and hacking_window must be >= 1")
         self.patience = patience
         self.max_new_tokens = max_new_tokens
         self.max_kl = max_kl
@@ -223,6 +258,17 @@ class HealthMonitor:
         self.reward_stall_steps = reward_stall_steps
         self.min_reward_improvement = min_reward_improvement
         self.explained_variance_patience = explained_variance_patience
+        self.quality_baseline_steps = quality_baseline_steps
+        self.quality_baseline = dict(quality_baseline or {})
+        self.hacking_window = hacking_window
+        self.hacking_reward_rise = hacking_reward_rise
+        self.max_distinct_drop = max_distinct_drop
+        self.max_kl_top5_share = max_kl_top5_share
+        self.hacking_min_kl = hacking_min_kl
+        # the first quality_baseline_steps steps' values of _BASELINE_KEYS (those present)
+        self._baseline_rows: list[dict[str, float]] = []
+        self._recent_scores: deque[float] = deque(maxlen=hacking_window)
+        self._n_scores = 0
 
         self._initial_entropy: float | None = None
         self._rewards: deque[float] = deque(maxlen=reward_stall_steps + reward_window)
@@ -241,6 +287,7 @@ class HealthMonitor:
             ("reward_no_variance", self._check_scores_std, patience),
             ("groups_no_signal", self._check_zero_std_groups, patience),
             ("reward_stalled", self._check_reward_stalled, patience),
+            ("reward_hacking", self._check_reward_hacking, patience),
             ("value_explained_variance", self._check_explained_variance, explained_variance_patience),
         ]
 
@@ -250,6 +297,10 @@ class HealthMonitor:
         scores = values.get("objective/scores")
         if scores is not None and math.isfinite(scores):
             self._rewards.append(scores)
+            self._recent_scores.append(scores)
+            self._n_scores += 1
+        if "objective/scores" in values and len(self._baseline_rows) < self.quality_baseline_steps:
+            self._baseline_rows.append({k: values[k] for k in _BASELINE_KEYS if k in values})
         entropy = values.get("objective/entropy")
         if self._initial_entropy is None and entropy is not None and math.isfinite(entropy):
             self._initial_entropy = entropy
@@ -422,6 +473,52 @@ class HealthMonitor:
         return (
             f"objective/scores has not improved in {self.reward_stall_steps} steps: mean over the last "
             f"{self.reward_window} steps {now:.4g} vs {before:.4g} {self.reward_stall_steps} steps earlier."
+        )
+
+    def _baseline(self, key: str) -> float | None:
+        """The mean of ``key`` over the baseline steps (None before they are all seen, or when absent)."""
+        if key in self.quality_baseline:
+            return self.quality_baseline[key]
+        if len(self._baseline_rows) < self.quality_baseline_steps:
+            return None
+        values = [row[key] for row in self._baseline_rows if key in row and math.isfinite(row[key])]
+        return statistics.fmean(values) if values else None
+
+    def _check_reward_hacking(self, m: dict[str, float]) -> _CheckResult:
+        distinct, share = m.get("quality/distinct_1"), m.get("kl/top5_token_share")
+        if "objective/scores" not in m or (distinct is None and share is None):
+            return _MISSING
+        # Rising: the mean of the last hacking_window steps, all after the baseline, vs the baseline's mean.
+        base_reward = self._baseline("objective/scores")
+        if base_reward is None or self._n_scores < self.quality_baseline_steps + self.hacking_window:
+            return None
+        now = statistics.fmean(self._recent_scores)
+        spread = self._baseline("objective/scores_std") or 0.0
+        if not now - base_reward > self.hacking_reward_rise * spread:
+            return None
+        evidence: list[str] = []
+        base_distinct = self._baseline("quality/distinct_1")
+        if (
+            distinct is not None
+            and base_distinct is not None
+            and distinct < base_distinct - self.max_distinct_drop
+        ):
+            evidence.append(f"quality/distinct_1 fell from {base_distinct:.3g} to {distinct:.3g}")
+        kl = m.get("objective/kl")
+        if (
+            share is not None
+            and share > self.max_kl_top5_share
+            and kl is not None
+            and kl >= self.hacking_min_kl
+        ):
+            evidence.append(
+                f"kl/top5_token_share = {share:.2f}: five token types carry most of the KL ({kl:.3g} nats)"
+            )
+        if not evidence:
+            return None
+        return (
+            f"objective/scores rose from {base_reward:.4g} (baseline) to {now:.4g} (mean of the last "
+            f"{self.hacking_window} steps) while {' and '.join(evidence)}, {self._for(self.patience)}."
         )
 
     def _check_explained_variance(self, m: dict[str, float]) -> _CheckResult:

@@ -22,13 +22,14 @@ import math
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tether.health import HealthMonitor, HealthWarning, check_history
 from tether.logging.base import format_cell, sample_columns
 from tether.logging.jsonl import METRICS_FILE, SAMPLES_FILE, read_jsonl
+from tether.report_quality import KL_TOKENS_FILE, quality_section_html
 
 CONFIG_FILE = "config.yaml"
 REPORT_FILE = "report.html"
@@ -169,6 +170,7 @@ class RunData:
     samples: list[dict[str, Any]]
     config_text: str | None
     warnings: list[HealthWarning]
+    kl_tokens: list[dict[str, Any]] = field(default_factory=list)  # kl_tokens.jsonl rows
 
 
 # -- reading ------------------------------------------------------------------------------------------------
@@ -227,6 +229,7 @@ def load_run(run_dir: Path, name: str | None = None) -> RunData:
         samples=samples,
         config_text=config_text,
         warnings=check_history(metrics, monitor),
+        kl_tokens=read_jsonl(run_dir / KL_TOKENS_FILE) if (run_dir / KL_TOKENS_FILE).is_file() else [],
     )
 
 
@@ -384,13 +387,7 @@ def _plots_html(runs: Sequence[RunData]) -> str:
         parts.append(f"<h2>{_esc(section.title)}</h2>")
         parts.append(f'<p class="hint">{_esc(section.hint)}</p>')
         parts.append('<div class="plots">')
-        for spec in present:
-            shown = ", ".join(run.name for run in runs if _series(run.metrics, spec.key)[0])
-            parts.append(
-                f'<figure id="{plot_id(spec.key)}"><img alt="plot: {_esc(spec.key)}" '
-                f'src="data:image/png;base64,{render_plot(runs, spec)}">'
-                f"<figcaption>{_esc(spec.key)} — {_esc(shown)}</figcaption></figure>"
-            )
+        parts.extend(_figure_html(runs, spec) for spec in present)
         parts.append("</div>")
         if missing:
             parts.append(f'<p class="note">Not logged by any run, skipped: {_esc(", ".join(missing))}.</p>')
@@ -401,6 +398,15 @@ def _plots_html(runs: Sequence[RunData]) -> str:
             "rollouts): " + _esc("; ".join(skipped_sections)) + ".</p>"
         )
     return "\n".join(parts)
+
+
+def _figure_html(runs: Sequence[RunData], spec: PlotSpec) -> str:
+    shown = ", ".join(run.name for run in runs if _series(run.metrics, spec.key)[0])
+    return (
+        f'<figure id="{plot_id(spec.key)}"><img alt="plot: {_esc(spec.key)}" '
+        f'src="data:image/png;base64,{render_plot(runs, spec)}">'
+        f"<figcaption>{_esc(spec.key)} — {_esc(shown)}</figcaption></figure>"
+    )
 
 
 def _pick_sample_steps(steps: Sequence[int]) -> list[int]:
@@ -467,6 +473,7 @@ def render_html(runs: Sequence[RunData]) -> str:
         '<h2 id="summary">Summary</h2>',
         _summary_html(runs),
         _plots_html(runs),
+        quality_section_html(runs, lambda key: _figure_html(runs, PlotSpec(key))),
         '<h2 id="samples">Samples</h2>',
     ]
     for run in runs:

@@ -62,9 +62,18 @@ from tether.sharding import (
     optimizer_state_by_name,
     optimizer_state_by_position,
 )
+from tether.zero import load_zero_optimizer_state, whole_state_dict, zero_managed, zero_optimizer_state
 
 #: What a run writes into its directory; a fresh run refuses a directory holding any of them.
-RUN_DIR_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "checkpoints", "final", "report.html", "tensorboard")
+RUN_DIR_OUTPUTS = (
+    "metrics.jsonl",
+    "samples.jsonl",
+    "kl_tokens.jsonl",
+    "checkpoints",
+    "final",
+    "report.html",
+    "tensorboard",
+)
 #: The run's inputs given as paths (policy, tokenizer, prompts, reward), so ``--resume DIR`` needs no more.
 INPUTS_FILE = "inputs.yaml"
 
@@ -482,8 +491,15 @@ def finish_run(
 
 def save_final(backend: Backend, policy: nn.Module, tokenizer: Any, run_dir: Path) -> None:
     """:func:`finish_run` on rank 0, called on every process: a sharded policy's weights are gathered first."""
-    weights = full_state_dict(policy) if is_sharded(policy) else None
-    on_main(backend, finish_run, policy, tokenizer, run_dir, weights)
+    on_main(backend, finish_run, policy, tokenizer, run_dir, whole_weights(policy))
+
+
+def whole_weights(policy: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The policy's whole state dict when its weights are not plain tensors of its own (gathered from FSDP
+    shards, a collective; cloned out of a ZeRO engine's flat buffer); None when ``save_pretrained`` can save it."""
+    if is_sharded(policy):
+        return full_state_dict(policy)
+    return whole_state_dict(policy) if zero_managed(policy) else None
 
 
 def write_report(run_dir: Path, enabled: bool) -> Path | None:
@@ -510,6 +526,7 @@ class LoopState:
     episode: int = 0
     trained: nn.Module | None = None
     grad_scaler: Any = None
+    engine: Any = None  # the DeepSpeed ZeRO engine over ``trained`` under sharding: deepspeed (tether.zero)
 
     @property
     def sharded(self) -> bool:
@@ -523,6 +540,11 @@ class LoopState:
             state.update({name: full_state_dict(part) for name, part in extra.items()})
             state["optimizer"] = full_optimizer_state(self.trained, self.optimizer)
             state["optimizer_keys"] = "name"  # keyed by parameter name: loads into any number of processes
+        elif self.engine is not None:  # ZeRO: AdamW's partitions gathered whole, keyed by name (a collective)
+            assert self.trained is not None
+            state.update({name: whole_state_dict(part) for name, part in extra.items()})
+            state["optimizer"] = zero_optimizer_state(self.engine, self.trained, self.optimizer)
+            state["optimizer_keys"] = "name"
         else:
             state.update({name: part.state_dict() for name, part in extra.items()})
             state["optimizer"] = self.optimizer.state_dict()
@@ -557,7 +579,11 @@ class LoopState:
 
     def _load_optimizer(self, saved: dict[str, Any], by_name: bool) -> None:
         """A checkpoint from a sharded or a whole-model run, into a sharded or a whole-model optimiser."""
-        if self.sharded:
+        if self.engine is not None:
+            assert self.trained is not None
+            named = saved if by_name else optimizer_state_by_name(self.trained, saved)
+            load_zero_optimizer_state(self.engine, self.trained, self.optimizer, named)
+        elif self.sharded:
             assert self.trained is not None
             named = saved if by_name else optimizer_state_by_name(self.trained, saved)
             load_optimizer_state(self.trained, self.optimizer, named)
@@ -585,7 +611,7 @@ def save_run_checkpoint(
     Call it on every process: sharded weights and optimiser state are gathered (collectives), rank 0 writes.
     """
     payload = state.state_dict(extra)
-    weights = full_state_dict(policy) if state.sharded else None
+    weights = whole_weights(policy)
     return on_main(backend, save_checkpoint, run_dir, state.step, policy, tokenizer, payload, keep, weights)
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from tether.config import ConfigError, RLConfig
+from tether.zero import accelerate_asks_deepspeed, apply_accelerate_deepspeed, check_zero_config
 
 #: The accelerate config's FSDP sharding strategies tether runs, by name or number: whether each frees a layer's
 #: gathered weights after its forward (accelerate's FSDP2 configs say it with fsdp_reshard_after_forward).
@@ -61,17 +62,13 @@ def apply_launcher_settings(config: RLConfig, world_size: int, has_group: bool |
 
     An FSDP accelerate config turns ``sharding`` to "fsdp" (and NO_SHARD leaves it "none"); its mixed precision
     sets ``mixed_precision`` when the tether config leaves it "no". ``has_group``: whether a process group is
-    open (default: more than one process); FSDP needs one, even of one process under ``torchrun``. A DeepSpeed accelerate config is an error:
-    tether shards with FSDP, which covers ZeRO-2 (SHARD_GRAD_OP) and ZeRO-3 (FULL_SHARD).
+    open (default: more than one process); FSDP needs one, even of one process under ``torchrun``. A DeepSpeed
+    accelerate config turns ``sharding`` to "deepspeed" with its ZeRO stage (:mod:`tether.zero`: stages 1 and 2).
     """
     changed: list[str] = []
     env = os.environ
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise ConfigError(
-            "the accelerate config asks for DeepSpeed, which tether does not drive; use an FSDP accelerate config "
-            "instead (fsdp_sharding_strategy FULL_SHARD shards like ZeRO-3, SHARD_GRAD_OP like ZeRO-2), or set "
-            "sharding: fsdp under torchrun - see docs/distributed.md"
-        )
+    if accelerate_asks_deepspeed():
+        changed += apply_accelerate_deepspeed(config)
     if accelerate_asks_fsdp() and config.sharding == "none":
         config.sharding = "fsdp"
         changed.append("sharding=fsdp (accelerate FSDP config)")
@@ -79,9 +76,11 @@ def apply_launcher_settings(config: RLConfig, world_size: int, has_group: bool |
     if precision in ("bf16", "fp16") and config.mixed_precision == "no":
         config.mixed_precision = precision  # type: ignore[assignment]
         changed.append(f"mixed_precision={precision} (accelerate config)")
-    if config.sharding == "fsdp" and not (has_group if has_group is not None else world_size > 1):
+    if config.sharding in ("fsdp", "deepspeed") and not (has_group if has_group is not None else world_size > 1):
         config.sharding = "none"
         changed.append("sharding=none (one process without a launcher: nothing to shard over)")
+    if config.sharding == "deepspeed":
+        check_zero_config(config)
     return changed
 
 

@@ -26,6 +26,11 @@ REPORT_TO_CHOICES: tuple[str, ...] = ("jsonl", "tensorboard", "wandb", "console"
 #: Sample columns shown first, in this order, by every sample table; other keys follow in insertion order.
 SAMPLE_COLUMNS: tuple[str, ...] = ("prompt", "response", "score", "kl")
 
+#: The per-step KL attribution table (:func:`tether.quality.kl_table_rows`): ``kl_tokens.jsonl``.
+KL_TOKENS_TABLE = "kl_tokens"
+#: Tables a logger may be given with ``log_table(name, rows, step)``, each a ``<name>.jsonl`` in the run dir.
+TABLE_NAMES: tuple[str, ...] = (KL_TOKENS_TABLE,)
+
 
 @runtime_checkable
 class Logger(Protocol):
@@ -75,6 +80,16 @@ class MultiLogger:
         """Pass the sample rows to every logger."""
         for logger in self.loggers:
             logger.log_samples(rows, step)
+
+    def log_table(self, name: str, rows: Sequence[Mapping[str, Any]], step: int) -> None:
+        """Pass a named table (one of ``TABLE_NAMES``) to every logger that keeps tables (has ``log_table``:
+        the JSONL logger); the others skip it, so ``log_table`` is an optional part of :class:`Logger`."""
+        if name not in TABLE_NAMES:
+            raise ValueError(f"unknown table {name!r}; known tables are {list(TABLE_NAMES)}")
+        for logger in self.loggers:
+            log_table = getattr(logger, "log_table", None)
+            if log_table is not None:
+                log_table(name, rows, step)
 
     def close(self) -> None:
         """Close every logger, even if one of them fails; re-raise the first failure afterwards."""

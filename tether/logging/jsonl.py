@@ -9,7 +9,11 @@ Format (one JSON object per line, UTF-8):
   ``{"step": int, "episode": int, "time": float, "<metric>": float, ...}``. ``episode`` is written when the
   trainer passes it among the metrics; ``time`` is the Unix time of the call unless the trainer passes its own.
 - ``samples.jsonl``: one line per sample row, ``{"step": int, "prompt": str, "response": str, "score": float,
-  "kl": float, ...}`` plus whatever extra str/float fields the trainer adds.
+  "kl": float, ...}`` plus whatever extra str/float fields the trainer adds (RL trainers add
+  ``high_kl_tokens``, the response's tokens with the highest per-token KL).
+- ``<table>.jsonl`` for each table of ``TABLE_NAMES`` a trainer logs, one line per row with its ``"step"``:
+  ``kl_tokens.jsonl``, the token types carrying the most KL each step, ``{"step", "rank", "token",
+  "token_id", "kl", "share", "count"}`` (:func:`tether.quality.kl_table_rows`).
 
 **Non-finite floats** are written as the JSON *strings* ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (the
 spellings JavaScript and ``float()`` use), because bare ``NaN`` is not valid JSON and ``null`` would lose
@@ -32,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from tether.logging.base import to_float
+from tether.logging.base import TABLE_NAMES, to_float
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -41,7 +45,7 @@ SAMPLES_FILE = "samples.jsonl"
 NONFINITE_STRINGS: dict[str, float] = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 #: Keys whose string values are free text and are never decoded as non-finite floats.
-_TEXT_KEYS = frozenset({"prompt", "response"})
+_TEXT_KEYS = frozenset({"prompt", "response", "token", "high_kl_tokens"})
 
 #: Keys of a metrics line that are integers, not float metrics.
 _INT_KEYS = ("step", "episode")
@@ -149,6 +153,20 @@ def _keep_lines_up_to(path: Path, step: int) -> None:
     os.replace(tmp, path)  # atomic: a crash here leaves either the old or the new file, never half of one
 
 
+def _last_step(path: Path) -> int:
+    """The step of the last complete line of a JSONL file; 0 when it is missing or has none."""
+    if not path.exists():
+        return 0
+    for line in reversed(path.read_text(encoding="utf-8").splitlines()):
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(step, int):
+            return step
+    return 0
+
+
 def _repair_tail(path: Path) -> None:
     """Make sure an existing file ends with a newline before we append, dropping a torn last line."""
     if not path.exists() or path.stat().st_size == 0:
@@ -185,6 +203,7 @@ class JsonlLogger:
         self.samples_path = self.run_dir / SAMPLES_FILE
         self._metrics: IO[str] | None = None
         self._samples: IO[str] | None = None
+        self._tables: dict[str, IO[str]] = {}  # opened on a table's first row
         if start_step is not None:
             self.truncate_after(start_step)
         else:
@@ -193,21 +212,31 @@ class JsonlLogger:
     def _open(self) -> None:
         for path in (self.metrics_path, self.samples_path):
             _repair_tail(path)
+        # A table never runs ahead of metrics.jsonl (a step logs its metrics first): lines past its last step
+        # are left from a run this directory held before (a fresh run removes metrics.jsonl, not the tables).
+        last_step = _last_step(self.metrics_path)
+        for name in TABLE_NAMES:
+            _keep_lines_up_to(self.table_path(name), last_step)
         # Line-buffered text files would flush on "\n" anyway; we flush explicitly so the contract does not
         # depend on buffering settings.
         self._metrics = self.metrics_path.open("a", encoding="utf-8")
         self._samples = self.samples_path.open("a", encoding="utf-8")
 
     def _close_files(self) -> None:
-        for f in (self._metrics, self._samples):
+        for f in (self._metrics, self._samples, *self._tables.values()):
             if f is not None:
                 f.close()
         self._metrics = self._samples = None
+        self._tables = {}
+
+    def table_path(self, name: str) -> Path:
+        """The file of table ``name``: ``run_dir/<name>.jsonl``."""
+        return self.run_dir / f"{name}.jsonl"
 
     def truncate_after(self, step: int) -> None:
-        """Drop every line with ``step > step`` from both files (for resuming from a checkpoint at ``step``)."""
+        """Drop every line with ``step > step`` from every file (for resuming from a checkpoint at ``step``)."""
         self._close_files()
-        for path in (self.metrics_path, self.samples_path):
+        for path in (self.metrics_path, self.samples_path, *map(self.table_path, TABLE_NAMES)):
             _keep_lines_up_to(path, step)
         self._open()
 
@@ -246,6 +275,19 @@ class JsonlLogger:
             record.update((key, _encode(value)) for key, value in row.items() if key != "step")
             self._write(self._samples, record)
 
+    def log_table(self, name: str, rows: Sequence[Mapping[str, Any]], step: int) -> None:
+        """Append one line per row, ``{"step": step, **row}``, to ``<name>.jsonl`` (``name`` in ``TABLE_NAMES``)."""
+        if self._metrics is None:
+            raise ValueError("JsonlLogger is closed")
+        if name not in self._tables:
+            path = self.table_path(name)
+            _repair_tail(path)
+            self._tables[name] = path.open("a", encoding="utf-8")
+        for row in rows:
+            record: dict[str, Any] = {"step": int(step)}
+            record.update((key, _encode(value)) for key, value in row.items() if key != "step")
+            self._write(self._tables[name], record)
+
     def close(self) -> None:
-        """Close both files. Safe to call twice."""
+        """Close every file. Safe to call twice."""
         self._close_files()

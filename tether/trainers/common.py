@@ -25,16 +25,27 @@ from tether.backend import (
     make_grad_scaler,
     rank_slice,
 )
+from tether.checkpoint import checkpoint_path
 from tether.checks import check_run_inputs
 from tether.config import ConfigError, RLConfig
 from tether.data import PromptData, PromptSampler, check_prompt_lengths, load_prompts, render_prompts
 from tether.health import HealthWarning
 from tether.kl import KLTerms, kl_k1, kl_needs_logits, kl_needs_loss_term, make_kl_controller, token_kl
+from tether.logging.base import KL_TOKENS_TABLE
 from tether.logprobs import PolicyForward, response_logits
 from tether.losses import aggregate, loss_normalizer
 from tether.models import AdapterDisabledReference, context_length, load_causal_lm, load_tokenizer
+from tether.numerics import finite_gradients
 from tether.ops import masked_mean
 from tether.plan import check_memory_at_start
+from tether.quality import (
+    format_high_kl,
+    high_kl_tokens,
+    kl_by_token,
+    kl_table_rows,
+    quality_metrics,
+    top_kl_share,
+)
 from tether.rewards import Reward, RunningNorm, build_reward
 from tether.rewards.model import uses_last_token_pooling
 from tether.rollout import Generation, build_rollout, concat_rollouts
@@ -47,7 +58,9 @@ from tether.sharding import (
     is_sharded,
     shard_model,
 )
+from tether.stop import RunStopped, StopSignals
 from tether.types import Rollout
+from tether.zero import ZeroBackend, accelerate_asks_deepspeed
 
 
 class RLInputs(NamedTuple):
@@ -79,10 +92,13 @@ def load_rl_inputs(
     if warning:
         print(warning, file=sys.stderr)
     check_run_inputs(config.output_dir, config.device, policy, tokenizer)
-    backend = make_backend(group_for_one=config.sharding == "fsdp" or accelerate_asks_fsdp())
+    sharded = config.sharding != "none" or accelerate_asks_fsdp() or accelerate_asks_deepspeed()
+    backend = make_backend(group_for_one=sharded)
     for change in apply_launcher_settings(config, backend.world_size, isinstance(backend, TorchDistributed)):
         if backend.is_main:
             print(f"tether: {change}", file=sys.stderr)
+    if config.sharding == "deepspeed":
+        backend = ZeroBackend(config)  # the process group is open: this only adds the engine's backward and step
     check_world_size(config, backend.world_size)
     device = backend.device(config.device)
     tok = load_tokenizer(tokenizer, policy)
@@ -197,10 +213,15 @@ def make_loop_state(
     n_prompts: int,
     score_norm: RunningNorm | None,
     device: torch.device,
+    backend: Backend | None = None,
 ) -> LoopState:
     """The training state of a new run: optimiser and schedule over ``trained``'s parameters, KL controller,
-    prompt sampler, update shuffling, and the fp16 loss scaler."""
+    prompt sampler, update shuffling, and the fp16 loss scaler. Under ``sharding: deepspeed`` the ``backend``
+    wraps ``trained`` and the optimiser in a DeepSpeed ZeRO engine (:mod:`tether.zero`)."""
     optimizer, scheduler = make_optimizer(trained.parameters(), config, total_updates)
+    if config.sharding == "deepspeed" and not isinstance(backend, ZeroBackend):
+        raise ValueError("sharding: deepspeed: make_loop_state needs the run's backend (load_rl_inputs made it)")
+    engine = backend.prepare(trained, optimizer) if isinstance(backend, ZeroBackend) else None
     return LoopState(
         optimizer=optimizer,
         scheduler=scheduler,
@@ -210,6 +231,7 @@ def make_loop_state(
         score_norm=score_norm,
         trained=trained,
         grad_scaler=make_grad_scaler(device, config.mixed_precision, is_sharded(trained)),
+        engine=engine,
     )
 
 
@@ -338,6 +360,7 @@ def run_updates(
     backend: Backend | None = None,
     grad_scaler: Any = None,
     lengths: torch.Tensor | None = None,
+    problems: list[str] | None = None,
 ) -> dict[str, float]:
     """``epochs`` passes of shuffled mini-batch optimiser steps, each accumulating micro-batch gradients.
 
@@ -354,8 +377,15 @@ def run_updates(
     Each process's rows are split into micro-batches by :func:`micro_batches`: sorted by ``lengths`` [B] (each
     row's real tokens; default all equal) so a micro-batch pads little once trimmed, ``micro_batch_size`` rows at
     most and, with ``config.micro_batch_tokens``, a token budget. The gradient is the same sum either way.
+
+    A mini-batch whose loss or summed gradient holds NaN / inf skips its optimiser step; what was skipped is
+    appended to ``problems`` and counted in ``numerics/skipped_updates`` (with fp16 the grad scaler does this).
+
+    Under ``sharding: deepspeed`` (a :class:`tether.zero.ZeroBackend`) the engine runs each backward (its
+    average over processes made the sum), and clips, steps or skips a NaN / inf step in ``zero.step()``.
     """
     backend = backend or SingleProcess()
+    zero = backend if isinstance(backend, ZeroBackend) else None
     if lengths is None:
         lengths = torch.ones(response_mask.shape[0], dtype=torch.long, device=response_mask.device)
     if config.micro_batch_tokens is not None and backend.world_size > 1:
@@ -365,8 +395,8 @@ def run_updates(
     device = response_mask.device
     totals: dict[str, float] = {}
     n_tokens = 0.0
-    n_minibatches = 0
-    for _ in range(epochs):
+    n_minibatches = skipped = 0
+    for epoch in range(epochs):
         order = torch.randperm(B, generator=generator).to(device)
         for start in range(0, B, config.mini_batch_size):
             mb = order[start : start + config.mini_batch_size]
@@ -375,12 +405,35 @@ def run_updates(
             )
             optimizer.zero_grad(set_to_none=True)
             mine = mb[rank_slice(len(mb), backend.rank, backend.world_size, "mini_batch_size")]
-            for rows in micro_batches(mine, lengths, config.micro_batch_size, config.micro_batch_tokens):
+            loss_ok = torch.ones((), dtype=torch.bool, device=device)
+            chunks = micro_batches(mine, lengths, config.micro_batch_size, config.micro_batch_tokens)
+            for i, rows in enumerate(chunks):
                 loss, stats = micro_batch_loss(rows, normalizer)
-                (loss if grad_scaler is None else grad_scaler.scale(loss)).backward()
+                loss_ok &= torch.isfinite(loss.detach()).to(device)
+                if zero is not None:
+                    zero.backward(loss, last=i == len(chunks) - 1)
+                else:
+                    (loss if grad_scaler is None else grad_scaler.scale(loss)).backward()
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
             backend.all_reduce_grads([p for p in params() if p.requires_grad])
+            n_minibatches += 1
+            n_tokens += float(response_mask[mb].sum())
+            if zero is not None:
+                finite = zero.step()  # DeepSpeed clips and steps, or skips a step on NaN / inf
+            else:
+                finite = grad_scaler is not None or finite_gradients(params(), backend, bool(loss_ok))
+            if not finite:
+                optimizer.zero_grad(set_to_none=True)  # skip this optimiser step: never train on NaN / inf
+                scheduler.step()
+                skipped += 1
+                if problems is not None:
+                    where = f"epoch {epoch + 1}, mini-batch {start // config.mini_batch_size + 1}"
+                    problems.append(f"NaN/inf {'gradient' if bool(loss_ok) else 'loss'} in {where}")
+                continue
+            if zero is not None:
+                scheduler.step()
+                continue
             if grad_scaler is not None:
                 grad_scaler.unscale_(optimizer)
             if config.max_grad_norm is not None:
@@ -391,13 +444,13 @@ def run_updates(
                 grad_scaler.step(optimizer)
                 grad_scaler.update()
             scheduler.step()
-            n_tokens += float(response_mask[mb].sum())
-            n_minibatches += 1
     if backend.world_size > 1:
         keys = sorted(totals)
         summed = backend.all_reduce_sum(torch.tensor([totals[k] for k in keys], dtype=torch.float64))
         totals = dict(zip(keys, summed.tolist(), strict=True))
-    return {k: v / max(n_tokens, 1.0) if k in per_token else v / n_minibatches for k, v in totals.items()}
+    out = {k: v / max(n_tokens, 1.0) if k in per_token else v / n_minibatches for k, v in totals.items()}
+    out["numerics/skipped_updates"] = float(skipped)
+    return out
 
 
 def rollout_metrics(
@@ -407,7 +460,9 @@ def rollout_metrics(
     kl_coef: float,
     show_components: bool,
 ) -> dict[str, float]:
-    """The metrics every RL trainer logs about a rollout (TRL's names where TRL has one)."""
+    """The metrics every RL trainer logs about a rollout (TRL's names where TRL has one), with the text-quality
+    metrics of its responses (``quality/*``) and, with a reference, how concentrated its KL is on a few token
+    types (``kl/top5_token_share``): see :mod:`tether.quality`."""
     mask = ro.response_mask
     m: dict[str, float] = {
         "objective/scores": float(scores.mean()),
@@ -418,6 +473,7 @@ def rollout_metrics(
         m["objective/kl"] = float(ro.kl.sum(-1).mean())
         m["kl/negative_fraction"] = float((seq_k1 < 0).float().mean())
         m["kl/k1"] = float(seq_k1.mean())
+        m["kl/top5_token_share"] = top_kl_share(kl_by_token(ro.kl, ro.response_ids, mask), 5)
         if ro.exact_kl is not None:
             m["kl/exact"] = float(ro.exact_kl.sum(-1).mean())
     m["objective/entropy"] = float(masked_mean(ro.entropy, mask)) if mask.any() else 0.0
@@ -425,6 +481,7 @@ def rollout_metrics(
     lengths = mask.sum(-1).float()
     m["rollout/response_length"] = float(lengths.mean())
     m["rollout/eos_fraction"] = float(ro.has_eos.float().mean())
+    m.update(quality_metrics(ro.response_ids, mask))
     if ro.gen_logprobs is not None:
         # Rollout/trainer agreement: what the generator sampled with vs the training forward (same tokens).
         diff = (ro.gen_logprobs - ro.logprobs).abs().masked_fill(~mask, 0.0)
@@ -438,11 +495,17 @@ def rollout_metrics(
 
 
 def sample_rows(
-    prompts: list[str], responses: list[str], scores: torch.Tensor, seq_kl: torch.Tensor | None, n: int
+    prompts: list[str],
+    responses: list[str],
+    scores: torch.Tensor,
+    seq_kl: torch.Tensor | None,
+    n: int,
+    high_kl: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """The first ``n`` rows of a step as a sample table: prompt, response, score and summed KL."""
+    """The first ``n`` rows of a step as a sample table: prompt, response, score and summed KL, and with
+    ``high_kl`` (one string per row, :func:`tether.quality.format_high_kl`) the response's highest-KL tokens."""
     n = min(n, len(prompts))
-    return [
+    rows: list[dict[str, Any]] = [
         {
             "prompt": prompts[i],
             "response": responses[i],
@@ -451,15 +514,81 @@ def sample_rows(
         }
         for i in range(n)
     ]
+    if high_kl is not None:
+        for row, marked in zip(rows, high_kl, strict=False):  # high_kl may cover more rows than are shown
+            row["high_kl_tokens"] = marked
+    return rows
+
+
+def update_inputs(ro: Rollout) -> dict[str, torch.Tensor | None]:
+    """The per-token rollout tensors every update reads, by name, for :func:`tether.numerics.nonfinite_inputs`."""
+    return {"old logprobs": ro.logprobs, "reference logprobs": ro.ref_logprobs, "kl": ro.kl}
+
+
+def stop_if_asked(
+    stop: StopSignals,
+    backend: Backend,
+    config: RLConfig,
+    step: int,
+    run_dir: Path,
+    checkpoint: Callable[[], Path | None],
+    command: str,
+) -> None:
+    """At the end of step ``step``: when a process was asked to stop (SIGINT / SIGTERM), write this step's
+    checkpoint (unless :func:`record_step` just did) on every process and raise :class:`RunStopped`."""
+    signum = stop.agreed(backend)
+    if signum is None:
+        return
+    saved = config.logging.save_steps > 0 and step % config.logging.save_steps == 0
+    if not saved:
+        checkpoint()
+    raise RunStopped(signum, step, checkpoint_path(run_dir, step), run_dir, command)
 
 
 class SampleBatch(NamedTuple):
-    """A step's [B] prompts, responses, scores and summed KLs (None without a reference), for sample tables."""
+    """A step's [B] prompts, responses, scores and summed KLs (None without a reference), for sample tables.
+
+    With ``rollout`` (the step's gathered rollout) and ``tokenizer``, the step also logs its KL attribution
+    table (``kl_tokens``) and the sample table marks each response's highest-KL tokens.
+    """
 
     prompts: list[str]
     responses: list[str]
     scores: torch.Tensor
     seq_kl: torch.Tensor | None
+    rollout: Rollout | None = None
+    tokenizer: PreTrainedTokenizerBase | None = None
+
+
+#: Tokens marked per response in a sample table's ``high_kl_tokens`` column.
+HIGH_KL_TOKENS_PER_ROW = 3
+
+
+def token_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[int], str]:
+    """One token id -> its text (special tokens kept, so an EOS that carries KL shows as itself)."""
+    return lambda token: tokenizer.decode([token])
+
+
+def kl_token_table(samples: SampleBatch) -> list[dict[str, Any]] | None:
+    """The step's KL attribution table (:func:`tether.quality.kl_table_rows`), None without a per-token KL or a
+    tokenizer to decode with."""
+    ro = samples.rollout
+    if ro is None or ro.kl is None or samples.tokenizer is None:
+        return None
+    attribution = kl_by_token(ro.kl, ro.response_ids, ro.response_mask)
+    return kl_table_rows(attribution, token_decoder(samples.tokenizer))
+
+
+def step_samples(samples: SampleBatch, n: int) -> list[dict[str, Any]]:
+    """The sample table of a step: its first ``n`` rows, each with its highest-KL tokens when they are known."""
+    ro = samples.rollout
+    high_kl = None
+    if ro is not None and ro.kl is not None and samples.tokenizer is not None:
+        k = min(n, len(samples.prompts))
+        marked = high_kl_tokens(ro.kl[:k], ro.response_ids[:k], ro.response_mask[:k], HIGH_KL_TOKENS_PER_ROW)
+        decode = token_decoder(samples.tokenizer)
+        high_kl = [format_high_kl(tokens, decode) for tokens in marked]
+    return sample_rows(samples.prompts, samples.responses, samples.scores, samples.seq_kl, n, high_kl)
 
 
 class StepTimes(NamedTuple):
@@ -483,7 +612,8 @@ def record_step(
     progress_keys: tuple[str, ...],
 ) -> tuple[dict[str, float], list[HealthWarning]]:
     """The end of a step, the same for every RL trainer: add the learning rate and timings to ``metrics``, log
-    them, check health, write the sample table and the checkpoint when due, move the progress bar.
+    them, check health, write the sample table when due and the KL attribution table (``kl_tokens.jsonl``,
+    when ``samples`` carries the rollout and tokenizer), the checkpoint when due, move the progress bar.
 
     Returns the history row and the health warnings that fired.
     """
@@ -502,7 +632,10 @@ def record_step(
     warnings = report_health(out, metrics, state.step)
     log = config.logging
     if log.sample_steps > 0 and (state.step % log.sample_steps == 0 or state.step == 1):
-        out.logger.log_samples(sample_rows(*samples, log.num_sample_rows), state.step)
+        out.logger.log_samples(step_samples(samples, log.num_sample_rows), state.step)
+    kl_table = kl_token_table(samples)
+    if kl_table is not None:
+        out.logger.log_table(KL_TOKENS_TABLE, kl_table, state.step)
     out.progress.update(config.rollout_batch_size, {k: metrics[k] for k in progress_keys if k in metrics})
     if log.save_steps > 0 and state.step % log.save_steps == 0:
         checkpoint()

@@ -41,6 +41,7 @@ from tether.kl import kl_shaped_rewards
 from tether.logprobs import policy_logprobs
 from tether.losses import PolicyLossSettings, aggregate, approx_kl, policy_loss
 from tether.models import disable_dropout, frozen_copy
+from tether.numerics import NonFiniteGuard, nonfinite_inputs
 from tether.rollout import Generation, HFGenerator
 from tether.run import (
     claim_run_dir,
@@ -52,6 +53,7 @@ from tether.run import (
     write_report,
 )
 from tether.sampling import missing_eos_penalty
+from tether.stop import StopSignals
 from tether.trainers.common import (
     SampleBatch,
     StepBatch,
@@ -68,6 +70,8 @@ from tether.trainers.common import (
     run_updates,
     shape_scores,
     shard_models,
+    stop_if_asked,
+    update_inputs,
 )
 from tether.types import Rollout
 
@@ -183,7 +187,7 @@ class GRPOTrainer:
 
         total_updates = config.num_steps * config.num_iterations * config.num_mini_batches
         self.state = make_loop_state(
-            config, self.policy, total_updates, len(self.data), self.score_norm, self.device
+            config, self.policy, total_updates, len(self.data), self.score_norm, self.device, self.backend
         )
         self.loss_settings = PolicyLossSettings(config.cliprange, config.cliprange_high, config.dual_clip)
         self.advantage_settings = AdvantageSettings(gamma=config.gamma, scale_rewards=config.scale_rewards)
@@ -202,10 +206,10 @@ class GRPOTrainer:
         self._resumed_from = load_run_checkpoint(source, self.policy, self.state, {})
         return self._resumed_from
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self) -> Path | None:
         keep = self.config.logging.save_total_limit
         args = (self.run_dir, self.policy, self.tokenizer, self.state, {}, keep)
-        save_run_checkpoint(self.backend, *args)
+        return save_run_checkpoint(self.backend, *args)
 
     # ------------------------------------------------------------------ 1. rollout
 
@@ -257,8 +261,11 @@ class GRPOTrainer:
             stats["policy/kl_loss"] = kl_loss.detach()
         return loss, stats
 
-    def update(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
-        """``num_iterations`` passes of mini-batch optimiser steps with micro-batch gradient accumulation."""
+    def update(
+        self, rollout: Rollout, advantages: torch.Tensor, problems: list[str] | None = None
+    ) -> dict[str, float]:
+        """``num_iterations`` passes of mini-batch optimiser steps with micro-batch gradient accumulation; a
+        mini-batch with a NaN / inf loss or gradient is skipped and named in ``problems``."""
         self.policy.train()
 
         def loss_of(rows: torch.Tensor, normalizer: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -279,6 +286,7 @@ class GRPOTrainer:
             self.backend,
             s.grad_scaler,
             rollout.lengths(),
+            problems,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -303,6 +311,8 @@ class GRPOTrainer:
         )
         self.health_warnings: list[HealthWarning] = []
         history: list[dict[str, float]] = []
+        self.numerics = NonFiniteGuard(cfg.max_nonfinite_steps, self.backend.is_main)
+        stop = StopSignals().install()
         try:
             while state.step < cfg.num_steps:
                 t0 = time.perf_counter()
@@ -341,13 +351,17 @@ class GRPOTrainer:
                 advantages = compute_advantages(cfg.advantage, inputs, self.advantage_settings).advantages
                 t_rollout = time.perf_counter()
 
-                # 5. update
-                update_stats = self.update(ro, advantages)
+                # 5. update, unless its inputs hold NaN / inf (then skipped, and counted by the guard)
+                problems = nonfinite_inputs({"advantages": advantages, **update_inputs(ro)}, mask)
+                if problems:
+                    update_stats = {"numerics/skipped_updates": float(cfg.num_iterations * cfg.num_mini_batches)}
+                else:
+                    update_stats = self.update(ro, advantages, problems)
                 t_update = time.perf_counter()
 
                 # 6. adaptive KL coefficient, on the mean per-sequence KL of this batch
                 seq_kl = ro.kl.sum(-1) if ro.kl is not None else None  # [B * G]
-                if seq_kl is not None:
+                if seq_kl is not None and torch.isfinite(seq_kl).all():
                     state.kl_ctl.update(float(seq_kl.mean()), cfg.rollout_batch_size)
 
                 # 7. log
@@ -367,14 +381,17 @@ class GRPOTrainer:
                     metrics,
                     times,
                     float(mask.sum()),
-                    SampleBatch(prompts, completions, scores, seq_kl),
+                    SampleBatch(prompts, completions, scores, seq_kl, ro, self.tokenizer),
                     self._checkpoint,
                     GROUP_PROGRESS_KEYS,
                 )
                 history.append(row)
                 self.health_warnings += warnings
+                self.numerics.after_step(state.step, problems)
+                stop_if_asked(stop, self.backend, cfg, state.step, self.run_dir, self._checkpoint, "grpo")
             save_final(self.backend, self.policy, self.tokenizer, self.run_dir)
         finally:
+            stop.uninstall()
             out.progress.close()
             out.logger.close()
         self.report_path = on_main(self.backend, write_report, self.run_dir, cfg.logging.report)

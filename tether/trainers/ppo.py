@@ -35,6 +35,7 @@ from tether.kl import kl_shaped_rewards
 from tether.logprobs import align_with_response, policy_logprobs
 from tether.losses import aggregate, approx_kl, ppo_clip_loss, value_loss
 from tether.models import ValueModel, disable_dropout, frozen_copy, same_vocabulary
+from tether.numerics import NonFiniteGuard, nonfinite_inputs
 from tether.ops import masked_var, masked_whiten
 from tether.rewards.model import uses_last_token_pooling
 from tether.rollout import Generation, HFGenerator
@@ -48,6 +49,7 @@ from tether.run import (
     write_report,
 )
 from tether.sampling import missing_eos_penalty
+from tether.stop import StopSignals
 from tether.trainers.common import (
     SampleBatch,
     StepBatch,
@@ -64,6 +66,8 @@ from tether.trainers.common import (
     run_updates,
     shape_scores,
     shard_models,
+    stop_if_asked,
+    update_inputs,
 )
 from tether.types import Rollout
 
@@ -162,7 +166,7 @@ class PPOTrainer:
         self.model = PolicyAndValue(self.policy, self.value_model)
         total_updates = config.num_steps * config.ppo_epochs * config.num_mini_batches
         self.state = make_loop_state(
-            config, self.model, total_updates, len(self.data), self.score_norm, self.device
+            config, self.model, total_updates, len(self.data), self.score_norm, self.device, self.backend
         )
         self.run_dir = Path(config.output_dir)
         self._resumed_from: Path | None = None
@@ -204,7 +208,7 @@ class PPOTrainer:
         )
         return self._resumed_from
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self) -> Path | None:
         keep = self.config.logging.save_total_limit
         args = (
             self.run_dir,
@@ -214,7 +218,7 @@ class PPOTrainer:
             {"value_model": self.value_model},
             keep,
         )
-        save_run_checkpoint(self.backend, *args)
+        return save_run_checkpoint(self.backend, *args)
 
     # ------------------------------------------------------------------ 1. rollout
 
@@ -271,8 +275,15 @@ class PPOTrainer:
             stats["policy/kl_loss"] = kl_loss.detach()
         return loss, stats
 
-    def update(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
-        """``ppo_epochs`` passes of mini-batch optimiser steps with micro-batch gradient accumulation."""
+    def update(
+        self,
+        rollout: Rollout,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        problems: list[str] | None = None,
+    ) -> dict[str, float]:
+        """``ppo_epochs`` passes of mini-batch optimiser steps with micro-batch gradient accumulation; a
+        mini-batch with a NaN / inf loss or gradient is skipped and named in ``problems``."""
         self.model.train()
 
         def loss_of(rows: torch.Tensor, normalizer: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -293,6 +304,7 @@ class PPOTrainer:
             self.backend,
             s.grad_scaler,
             rollout.lengths(),
+            problems,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -316,6 +328,8 @@ class PPOTrainer:
         )
         self.health_warnings: list[HealthWarning] = []
         history: list[dict[str, float]] = []
+        self.numerics = NonFiniteGuard(cfg.max_nonfinite_steps, self.backend.is_main)
+        stop = StopSignals().install()
         try:
             while state.step < cfg.num_steps:
                 t0 = time.perf_counter()
@@ -357,13 +371,20 @@ class PPOTrainer:
                     advantages = whiten_advantages(advantages, mask)
                 t_rollout = time.perf_counter()
 
-                # 5. update
-                update_stats = self.update(ro, advantages, returns)
+                # 5. update, unless its inputs hold NaN / inf (then skipped, and counted by the guard)
+                problems = nonfinite_inputs(
+                    {"advantages": advantages, "returns": returns, "values": ro.values, **update_inputs(ro)}, mask
+                )
+                if problems:
+                    update_stats = {"numerics/skipped_updates": float(cfg.ppo_epochs * cfg.num_mini_batches)}
+                else:
+                    update_stats = self.update(ro, advantages, returns, problems)
                 t_update = time.perf_counter()
 
                 # 6. adaptive KL coefficient, on the mean per-sequence KL of this batch
                 seq_kl = ro.kl.sum(-1)  # [B]
-                self.kl_ctl.update(float(seq_kl.mean()), cfg.rollout_batch_size)
+                if torch.isfinite(seq_kl).all():
+                    self.kl_ctl.update(float(seq_kl.mean()), cfg.rollout_batch_size)
 
                 # 7. log
                 state.step += 1
@@ -380,14 +401,17 @@ class PPOTrainer:
                     metrics,
                     times,
                     float(mask.sum()),
-                    SampleBatch(prompts, responses, scores, seq_kl),
+                    SampleBatch(prompts, responses, scores, seq_kl, ro, self.tokenizer),
                     self._checkpoint,
                     ("objective/scores", "objective/kl", "kl/coef"),
                 )
                 history.append(row)
                 self.health_warnings += warnings
+                self.numerics.after_step(state.step, problems)
+                stop_if_asked(stop, self.backend, cfg, state.step, self.run_dir, self._checkpoint, "ppo")
             save_final(self.backend, self.policy, self.tokenizer, self.run_dir)
         finally:
+            stop.uninstall()
             out.progress.close()
             out.logger.close()
         self.report_path = on_main(self.backend, write_report, self.run_dir, cfg.logging.report)

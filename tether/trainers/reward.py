@@ -34,12 +34,13 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.backend import Backend, SingleProcess, make_backend, on_main
-from tether.checkpoint import load_policy_weights, save_checkpoint, set_rng_state
+from tether.checkpoint import checkpoint_path, load_policy_weights, save_checkpoint, set_rng_state
 from tether.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range, check_ranges
 from tether.config import ConfigError, to_dict
 from tether.data import DataError
 from tether.logging import ConsoleLogger, MultiLogger, build_loggers
 from tether.models import disable_dropout
+from tether.numerics import NonFiniteGuard, finite_gradients
 from tether.rewards.data import PreferenceData, load_preferences, load_samples, split_indices
 from tether.rewards.losses import bradley_terry_loss
 from tether.rewards.model import (
@@ -64,6 +65,8 @@ from tether.run import (
     write_report,
     write_run_files,
 )
+from tether.stop import RunStopped, StopSignals
+from tether.zero import accelerate_asks_deepspeed
 
 #: Allowed values of RewardConfig's fields (every float field must also be finite).
 REWARD_RANGES: dict[str, Range] = {
@@ -73,6 +76,7 @@ REWARD_RANGES: dict[str, Range] = {
         0, low_open=True, hint="; use null (--max_grad_norm none) to disable gradient clipping"
     ),
     "num_epochs": AT_LEAST_ONE,
+    "max_nonfinite_steps": NON_NEGATIVE,
     "batch_size": AT_LEAST_ONE,
     "micro_batch_size": AT_LEAST_ONE,
     "max_length": AT_LEAST_ONE,
@@ -113,6 +117,9 @@ class RewardConfig:
     """Gradient clipping norm; None disables clipping."""
     num_epochs: int = 1
     """Passes over the training pairs."""
+    max_nonfinite_steps: int = 3
+    """An optimiser step whose loss or gradient holds NaN / inf is skipped with a warning; this many in a row stop
+    the run with advice (0: never stop)."""
     batch_size: int = 16
     """Pairs per optimiser step over every process (TRL: per_device_train_batch_size *
     gradient_accumulation_steps * num_processes); each of N processes takes batch_size / N of them."""
@@ -373,6 +380,11 @@ class RewardTrainer:
         eval_data: Any = None,
     ) -> None:
         self.config = cfg = config
+        if accelerate_asks_deepspeed():
+            raise ConfigError(
+                "tether rm does not run under DeepSpeed yet: launch it with a DDP accelerate config or torchrun "
+                "(its processes hold whole models and sum gradients) - see docs/distributed.md"
+            )
         self.backend = make_backend()
         check_world_size(cfg, self.backend.world_size)
         self.run_dir = Path(cfg.output_dir)
@@ -511,6 +523,8 @@ class RewardTrainer:
         n_train = len(self.train_pairs.chosen)
         history: list[dict[str, float]] = []
         model.train()
+        guard = NonFiniteGuard(cfg.max_nonfinite_steps, backend.is_main)
+        stop = StopSignals().install()
         try:
             while state.epoch < cfg.num_epochs:
                 if not state.order:  # a new epoch (a run resumed mid-epoch goes on with the order it saved)
@@ -520,10 +534,15 @@ class RewardTrainer:
                     batch = state.order[state.position : state.position + cfg.batch_size]
                     # 2. forward/backward of this process's share in micro-batches, summed over the processes
                     stats = self._gradients(batch)
-                    # 3. clip, update
-                    grad_norm = clip_gradients(model.parameters(), cfg.max_grad_norm)
-                    learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step used
-                    optimizer.step()
+                    # 3. clip, update; never on a NaN / inf loss or gradient (skipped, counted by the guard)
+                    problems = []
+                    if finite_gradients(model.parameters(), backend, math.isfinite(stats.loss)):
+                        grad_norm = clip_gradients(model.parameters(), cfg.max_grad_norm)
+                        learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step used
+                        optimizer.step()
+                    else:
+                        grad_norm, learning_rate = math.nan, optimizer.param_groups[0]["lr"]
+                        problems.append("NaN/inf loss or gradient: optimiser step skipped")
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     state.step += 1
@@ -545,8 +564,16 @@ class RewardTrainer:
                         )
                     loggers.log_metrics(metrics, state.step)
                     history.append({"step": state.step, **metrics})
-                    if cfg.save_steps and state.step % cfg.save_steps == 0:
+                    guard.after_step(state.step, problems)
+                    saved = bool(cfg.save_steps) and state.step % cfg.save_steps == 0
+                    if saved:
                         on_main(backend, self._checkpoint)
+                    signum = stop.agreed(backend)
+                    if signum is not None:  # SIGINT / SIGTERM: this step's checkpoint, then stop
+                        if not saved:
+                            on_main(backend, self._checkpoint)
+                        ckpt = checkpoint_path(self.run_dir, state.step)
+                        raise RunStopped(signum, state.step, ckpt, self.run_dir, "rm")
                 state.epoch, state.order, state.position = state.epoch + 1, [], 0
             # 5. normalise on reference-policy samples (optional; every process, so all hold the same model),
             #    then save final/
@@ -564,6 +591,7 @@ class RewardTrainer:
                 history.append({"step": state.step, "normalize/gain": gain, "normalize/bias": bias})
             on_main(backend, finish_run, model, self.tokenizer, self.run_dir)
         finally:
+            stop.uninstall()
             loggers.close()
             for run_dir in locked:
                 release_run_lock(run_dir)
