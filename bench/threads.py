@@ -1,5 +1,5 @@
 """OpenMP waiting policy: the time of one decoding step with worker threads that spin (``OMP_WAIT_POLICY`` unset,
-libgomp's default) against threads that sleep (``PASSIVE``, what importing tether sets), with the cores free and
+libgomp's default), that sleep at once (``PASSIVE``), and that spin a bounded while first (``GOMP_SPINCOUNT``), with the cores free and
 with another job (as many threads, busy with matrix products) on the same cores. Each measurement runs in its own interpreter (the policy is read when
 torch starts OpenMP).
 
@@ -56,11 +56,10 @@ while True:  # another job's matrix products on the same cores
 """
 
 
-def step_ms(policy: str | None, threads: int, steps: int) -> float:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+def step_ms(policy: dict[str, str], threads: int, steps: int) -> float:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["OMP_NUM_THREADS"] = str(threads)
-    if policy is not None:
-        env["OMP_WAIT_POLICY"] = policy
+    env.update(policy)
     out = subprocess.run(
         [sys.executable, "-c", CHILD, str(threads), str(steps)], env=env, capture_output=True, text=True, check=True
     )
@@ -73,7 +72,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    policies = {"spinning (unset)": None, "PASSIVE (tether)": "PASSIVE"}
+    policies = {
+        "spinning (unset)": {},
+        "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+        "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
+        "GOMP_SPINCOUNT=100000": {"GOMP_SPINCOUNT": "100000"},
+    }
     rows = []
     for load in ("cores free", "another job on the cores"):
         competitor = None
@@ -89,13 +93,12 @@ def main() -> None:
             if competitor is not None:
                 competitor.kill()
                 competitor.wait()
-        spin, passive = (statistics.median(times[n]) for n in policies)
-        rows.append((load, spin, passive, min(times["spinning (unset)"]), min(times["PASSIVE (tether)"])))
-    print(f"one decoding step, 64 rows, small GPT-2, {args.threads} threads, median (min) of {args.repeats}")
-    print("| cores | spinning ms | PASSIVE ms | spinning / PASSIVE |")
-    print("|---|---|---|---|")
-    for load, spin, passive, spin_min, passive_min in rows:
-        print(f"| {load} | {spin:.1f} ({spin_min:.1f}) | {passive:.1f} ({passive_min:.1f}) | {spin / passive:.2f} |")
+        rows.append((load, {n: (statistics.median(t), min(t)) for n, t in times.items()}))
+    print(f"one decoding step, 64 rows, small GPT-2, {args.threads} threads, ms: median (min) of {args.repeats}")
+    print("| cores | " + " | ".join(policies) + " |")
+    print("|---|" + "---|" * len(policies))
+    for load, figures in rows:
+        print(f"| {load} | " + " | ".join(f"{med:.1f} ({low:.1f})" for med, low in figures.values()) + " |")
 
 
 if __name__ == "__main__":

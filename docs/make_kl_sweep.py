@@ -109,7 +109,8 @@ def plot(base: dict[str, Any], points: list[dict[str, Any]], path: Path) -> None
         ax.plot([p["kl"] for p in points], [p[key] for p in points], "o-", color="tab:blue")
         for p in points:
             ax.annotate(f"β={p['coef']:g}", (p["kl"], p[key]), textcoords="offset points", xytext=(5, 5))
-        ax.set_xlabel("KL to the reference (nats per continuation, held-out)")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel("KL to the reference (nats per continuation, held-out; log scale above 1)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
@@ -124,7 +125,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=36)
     parser.add_argument("--out", default="runs/kl-sweep")
     parser.add_argument("--figure", default=str(HERE / "demo_kl_sweep.png"))
+    parser.add_argument("--replot", action="store_true", help="redraw the figure from its .json, no training")
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.figure).with_suffix(".json").read_text())
+        plot(saved["base"], saved["points"], Path(args.figure))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base: dict[str, Any] = {}

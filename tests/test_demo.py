@@ -100,7 +100,7 @@ def test_help_lists_the_modes(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_kl_coef_options() -> None:
-    assert demo_main.kl_coef(demo_main.parse_args([])) is None  # the settings' default, 0.05
+    assert demo_main.kl_coef(demo_main.parse_args([])) is None  # the algorithm's default (DEFAULT_KL_COEF)
     assert demo_main.kl_coef(demo_main.parse_args(["--no-kl"])) == 0.0
     assert demo_main.kl_coef(demo_main.parse_args(["--kl-coef", "0"])) == 0.0
     assert demo_main.kl_coef(demo_main.parse_args(["--reward-model", "--kl-coef", "0.2"])) == 0.2
@@ -430,7 +430,7 @@ def test_grpo_demo_gets_its_own_kl_coefficient(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(sr, "check_assets", lambda reward_model=False: None)
     monkeypatch.setattr(sr, "run_sentiment", record)
-    cases = [(["--algo", "grpo"], "grpo", 0.2), (["--algo", "rloo"], "rloo", 0.05), ([], "ppo", 0.05),
+    cases = [(["--algo", "grpo"], "grpo", 0.2), (["--algo", "rloo"], "rloo", 0.05), ([], "ppo", 0.1),
              (["--algo", "grpo", "--kl-coef", "0.1"], "grpo", 0.1)]
     for argv, algo, coef in cases:
         with pytest.raises(Stop):

@@ -199,17 +199,20 @@ def test_the_lean_sampling_loop_draws_generates_tokens_and_keeps_their_logprobs(
         assert (model_logprobs[live] - logprobs[live]).abs().max() > 1e-2
 
 
-def test_importing_tether_sets_passive_openmp_waiting_unless_the_user_chose(tmp_path) -> None:
-    """OMP_WAIT_POLICY must be set before torch starts OpenMP, so importing tether (first) sets it; a user's value
-    wins."""
+def test_importing_tether_bounds_openmp_spinning_unless_the_user_chose(tmp_path) -> None:
+    """GOMP_SPINCOUNT must be set before torch starts OpenMP, so importing tether (first) sets it; a user's
+    GOMP_SPINCOUNT or OMP_WAIT_POLICY wins."""
     import os
     import subprocess
     import sys
 
-    code = "import tether, os; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "PASSIVE"
-    env["OMP_WAIT_POLICY"] = "ACTIVE"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "ACTIVE"
+    code = "import tether, os; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+
+    def seen(**extra: str) -> str:
+        run = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True)
+        return run.stdout.strip()
+
+    assert seen() == "10000 None"
+    assert seen(GOMP_SPINCOUNT="5") == "5 None"
+    assert seen(OMP_WAIT_POLICY="PASSIVE") == "None PASSIVE"

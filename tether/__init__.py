@@ -2,12 +2,14 @@
 
 import os
 
-# OpenMP worker threads that spin while they wait collapse when another process shares the cores: on a 2-core
-# machine with a second job running, one decoding step took 498 ms spinning against 42 ms waiting passively
-# (bench/README.md, "Threads"); with the cores free the two are within noise. The setting only takes effect
-# before torch starts its OpenMP runtime, so it is made here, before anything imports torch; a value the user
-# set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP worker threads that spin without bound while they wait collapse when another process shares the cores;
+# threads that sleep at once (OMP_WAIT_POLICY=PASSIVE) are slow when the cores are free. A bounded spin keeps
+# both: one decoding step on 2 cores took 18 ms free / 77 ms beside another job spinning without bound, 26 / 65
+# ms passive, 18 / 46 ms with GOMP_SPINCOUNT=10000 (bench/threads.py, bench/README.md "Threads"). libgomp (torch's
+# OpenMP on Linux) reads it when torch starts, so it is set here, before anything imports torch; nothing is
+# changed when the user set either variable.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
 from tether.config import ConfigError, KLConfig, LoggingConfig, RLConfig

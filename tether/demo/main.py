@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--kl_coef",
         type=float,
         default=None,
-        help="override the KL coefficient (default 0.05; 0.2 with --algo grpo, whose KL is a loss term)",
+        help="override the KL coefficient (default 0.1; 0.2 with --algo grpo, whose KL is a loss term; 0.05 with rloo)",
     )
     return parser
 
