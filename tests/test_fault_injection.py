@@ -28,9 +28,9 @@ STEPS = 5
 VOLATILE = ("time", "perf/")  # wall-clock stamps and timings differ between runs by nature
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("faults")
+def write_toy_inputs(root: Path) -> Path:
+    """What a command line run needs, in ``root``: the toy policy (with its tokenizer) in ``policy/``, 16
+    prompts in ``prompts.jsonl`` and a reward function ``rewards.py:vowels``. Returns ``root``."""
     tok = make_toy_tokenizer()
     make_toy_model(tok, seed=0).save_pretrained(root / "policy")
     tok.save_pretrained(root / "policy")
@@ -42,6 +42,11 @@ def files(tmp_path_factory) -> Path:
         "    return [sum(x in 'aeiou' for x in r) / max(len(r), 1) for r in responses]\n"
     )
     return root
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    return write_toy_inputs(tmp_path_factory.mktemp("faults"))
 
 
 def start(files: Path, out: Path, save_sleep: float | None) -> subprocess.Popen:

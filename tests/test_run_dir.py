@@ -13,30 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_fault_injection import write_toy_inputs
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import tether.checkpoint as ckpt_mod
 from tether.checkpoint import STATE_FILE
 from tether.cli import main as cli_main
 from tether.run import LOCK_FILE, RunDirError, acquire_run_lock, claim_run_dir, read_run_id, release_run_lock
-from tether.toy import make_toy_model, make_toy_prompts, make_toy_tokenizer
+from tether.toy import make_toy_prompts
 
 VOLATILE = ("time", "perf/")
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("run_dir")
-    tok = make_toy_tokenizer()
-    make_toy_model(tok, seed=0).save_pretrained(root / "policy")
-    tok.save_pretrained(root / "policy")
-    (root / "prompts.jsonl").write_text(
-        "".join(json.dumps({"prompt": p}) + "\n" for p in make_toy_prompts(16))
-    )
-    (root / "rewards.py").write_text(
-        "def vowels(prompts, responses, **c):\n"
-        "    return [sum(x in 'aeiou' for x in r) / max(len(r), 1) for r in responses]\n"
-    )
+    root = write_toy_inputs(tmp_path_factory.mktemp("run_dir"))
     rows = [
         {"prompt": p, "chosen": " aeiou", "rejected": f" {'bcdfg'[i % 5]}rst"}
         for i, p in enumerate(make_toy_prompts(32, seed=1))

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_fault_injection import write_toy_inputs
 from transformers import AutoModelForCausalLM
 
 import tether
 from tether.checkpoint import latest_checkpoint, verify_checkpoint
 from tether.cli import main
 from tether.stop import RunStopped
-from tether.toy import make_toy_model, make_toy_prompts, make_toy_tokenizer
 
 STEPS = 6
 VOLATILE = ("time", "perf/")
@@ -40,11 +40,8 @@ def vowels(prompts, responses, **columns):
 
 @pytest.fixture
 def files(tmp_path: Path) -> Path:
-    tok = make_toy_tokenizer()
-    make_toy_model(tok, seed=0).save_pretrained(tmp_path / "policy")
-    tok.save_pretrained(tmp_path / "policy")
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in make_toy_prompts(16)))
-    (tmp_path / "rewards.py").write_text(REWARD)
+    write_toy_inputs(tmp_path)
+    (tmp_path / "rewards.py").write_text(REWARD)  # vowels that also sends the test's signal
     return tmp_path
 
 

@@ -363,17 +363,6 @@ def preflight(output_dir: Path, resume: Path | None) -> None:
         check_resume_target(Path(output_dir), Path(resume))
 
 
-@dataclass(frozen=True)
-class _Resumed:
-    """The checkpoint this process last resumed from (what :func:`open_run` checks the output directory by)."""
-
-    ckpt: Path
-    step: int
-
-
-_last_resumed: _Resumed | None = None
-
-
 def run_dir_of(ckpt: Path) -> Path:
     """The run directory of ``run_dir/checkpoints/step-N``."""
     return Path(ckpt).parent.parent
@@ -382,28 +371,13 @@ def run_dir_of(ckpt: Path) -> Path:
 def open_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Lock ``run_dir`` (the main process; a live run is refused), pick its newest complete checkpoint (an
     incomplete or corrupt newer one is skipped with a warning) and read its trainer state."""
-    global _last_resumed
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"cannot resume: run directory {run_dir} does not exist")
     if is_main_process():
         acquire_run_lock(run_dir)
     ckpt = latest_checkpoint(run_dir)
-    saved = load_state(ckpt)
-    _last_resumed = _Resumed(ckpt, int(saved["step"]))
-    return ckpt, saved
-
-
-def resumed_source(resumed_step: int | None, resumed_from: Path | None = None) -> Path | None:
-    """The run directory a run resumed at ``resumed_step`` came from: ``resumed_from``'s (a checkpoint path)
-    when given, else that of this process's last :func:`open_checkpoint` at that step; None for a fresh run."""
-    if resumed_step is None:
-        return None
-    if resumed_from is not None:
-        return run_dir_of(resumed_from)
-    if _last_resumed is not None and _last_resumed.step == resumed_step:
-        return run_dir_of(_last_resumed.ckpt)
-    return None
+    return ckpt, load_state(ckpt)
 
 
 class RunOutputs(NamedTuple):
@@ -432,13 +406,13 @@ def open_run(
 
     ``config`` must have a ``logging`` block (:class:`tether.config.LoggingConfig`). ``resumed_step`` is the
     step a resumed run starts from (loggers drop records past it), None for a fresh run; ``resumed_from`` the
-    checkpoint it was restored from (default: this process's last :func:`load_run_checkpoint`), whose run
-    ``run_dir`` must belong to. A process that is not the main one writes nothing: its loggers are no-ops and it
+    checkpoint it was restored from (what :func:`load_run_checkpoint` returned), whose run ``run_dir`` must
+    belong to. A process that is not the main one writes nothing: its loggers are no-ops and it
     shows no progress bar.
     """
     locked: list[Path] = []
     if is_main:
-        source = resumed_source(resumed_step, resumed_from)
+        source = run_dir_of(resumed_from) if resumed_step is not None and resumed_from is not None else None
         locked = enter_run_dir(run_dir, source)
         try:
             write_run_files(run_dir, config, inputs)
