@@ -161,12 +161,15 @@ def test_generate_ignores_the_models_own_generation_defaults(toy) -> None:
     ],
     ids=["pure", "temperature", "top_k+min_new_tokens", "top_p"],
 )
-def test_the_lean_sampling_loop_draws_generates_tokens_and_keeps_their_logprobs(toy, cfg) -> None:
-    """tether's loop (KV cache, one logprob per token) gives transformers' generate's tokens for the same seed,
+def test_the_lean_sampling_loop_draws_generates_tokens_and_keeps_their_logprobs(toy, cfg, monkeypatch) -> None:
+    """tether's loop (KV cache, one logprob per token) gives transformers' generate's tokens for the same seed
+    when it draws with generate's own ``multinomial`` (its own draw is tested against the distribution below),
     and the logprobs of generate's processed scores, on left-padded prompts of several lengths."""
+    import tether.sampling
     from tether.logprobs import entropy_from_logits, policy_logprobs, selective_log_softmax
     from tether.sampling import sample, truncate_at_eos
 
+    monkeypatch.setattr(tether.sampling, "draw_tokens", lambda p: torch.multinomial(p, num_samples=1).squeeze(1))
     tokenizer, model = toy
     eos, pad = tokenizer.eos_token_id, tokenizer.unk_token_id  # a pad distinct from EOS
     enc = tokenizer(["abc", "hello there", "xy", "a"] * 6, return_tensors="pt", padding=True)
@@ -197,6 +200,36 @@ def test_the_lean_sampling_loop_draws_generates_tokens_and_keeps_their_logprobs(
     torch.testing.assert_close(entropy[live], own_entropy[live], rtol=0, atol=1e-5)
     if cfg.allow_biased:  # the warped and the model's own distributions really differ here
         assert (model_logprobs[live] - logprobs[live]).abs().max() > 1e-2
+
+
+def test_draw_tokens_samples_the_categorical_distribution() -> None:
+    """The inverse-CDF draw against the exact distribution: frequencies over 200,000 draws of a skewed row within
+    5 standard errors of each probability, a zero-probability entry (first, middle, last) never drawn, and the
+    unnormalised row drawn as its normalised self."""
+    from tether.sampling import draw_tokens
+
+    torch.manual_seed(0)
+    p = torch.tensor([0.0, 0.5, 0.25, 0.0, 0.125, 0.0625, 0.0625 - 1e-4, 1e-4, 0.0])
+    n = 200_000
+    rows = draw_tokens((3 * p).expand(n, -1))  # unnormalised: total 3
+    counts = torch.bincount(rows, minlength=p.numel()).double()
+    assert counts[p == 0].sum() == 0
+    freq = counts / n
+    se = (p.double() * (1 - p.double()) / n).sqrt()
+    assert ((freq - p.double()).abs() <= 5 * se + 1e-12).all(), (freq, p)
+    assert counts[7] > 0  # the 1e-4 entry is drawn (~20 times expected)
+    # the extremes of the uniform number: u = 0 gives the first positive entry, u -> 1 the last positive one
+    for u, expected in ((0.0, 1), (1.0 - 2**-53, 7)):
+        original = torch.rand
+        try:
+            torch.rand = lambda *a, **k: torch.full(a[0], u, dtype=k["dtype"])  # type: ignore[assignment]
+            assert draw_tokens(p[None]).item() == expected
+        finally:
+            torch.rand = original  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="NaN, inf or all zero"):
+        draw_tokens(torch.tensor([[0.5, float("nan")]]))
+    with pytest.raises(ValueError, match="NaN, inf or all zero"):
+        draw_tokens(torch.zeros(1, 4))
 
 
 def test_importing_tether_bounds_openmp_spinning_unless_the_user_chose(tmp_path) -> None:
