@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from tether.logprobs import (
+    accepts_logits_to_keep,
     entropy_from_logits,
     position_ids_from_mask,
+    response_logits,
     selective_log_softmax,
     sequence_logprobs,
 )
@@ -161,3 +163,47 @@ def test_entropy_with_a_masked_vocabulary_entry() -> None:
     # softmax([0, -inf, 0]) = [0.5, 0, 0.5] -> entropy log 2
     out = entropy_from_logits(torch.tensor([[0.0, float("-inf"), 0.0]]))
     assert out.item() == pytest.approx(math.log(2.0), abs=1e-6)
+
+
+def test_response_logits_runs_the_lm_head_on_the_response_only_and_matches_the_full_forward(toy) -> None:
+    """With transformers' ``logits_to_keep`` the head sees the T + 1 last positions only (counted with a hook);
+    the logits equal those of a model that computes every position, and the wrappers are looked through."""
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer, model = toy
+    ids, mask, P = _batch(tokenizer, ["abc", "hello world"], ["xyz.", "mnopq"])
+    T = ids.shape[1] - P
+
+    class EveryPosition(torch.nn.Module):  # a forward without logits_to_keep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, position_ids, use_cache):
+            return self.inner(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache
+            )
+
+    rows: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[1]))
+    try:
+        with torch.no_grad():
+            kept = response_logits(model, ids, mask, P)
+            full = response_logits(EveryPosition(model), ids, mask, P)
+    finally:
+        hook.remove()
+    assert rows == [T + 1, ids.shape[1]]
+    assert kept.shape == full.shape == (2, T, model.config.vocab_size)
+    torch.testing.assert_close(kept, full, rtol=0, atol=1e-5)
+    assert accepts_logits_to_keep(model) and not accepts_logits_to_keep(EveryPosition(model))
+
+    class Wrapped(torch.nn.Module):  # how DDP / FSDP / DeepSpeed hold the model
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    lora = get_peft_model(make_toy_model(tokenizer), LoraConfig(r=2, target_modules=["c_attn"]))
+    assert accepts_logits_to_keep(Wrapped(lora)) and accepts_logits_to_keep(Wrapped(model))

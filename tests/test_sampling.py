@@ -220,12 +220,9 @@ def test_draw_tokens_samples_the_categorical_distribution() -> None:
     assert counts[7] > 0  # the 1e-4 entry is drawn (~20 times expected)
     # the extremes of the uniform number: u = 0 gives the first positive entry, u -> 1 the last positive one
     for u, expected in ((0.0, 1), (1.0 - 2**-53, 7)):
-        original = torch.rand
-        try:
-            torch.rand = lambda *a, **k: torch.full(a[0], u, dtype=k["dtype"])  # type: ignore[assignment]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch, "rand", lambda shape, dtype, device, u=u: torch.full(shape, u, dtype=dtype))
             assert draw_tokens(p[None]).item() == expected
-        finally:
-            torch.rand = original  # type: ignore[assignment]
     with pytest.raises(ValueError, match="NaN, inf or all zero"):
         draw_tokens(torch.tensor([[0.5, float("nan")]]))
     with pytest.raises(ValueError, match="NaN, inf or all zero"):

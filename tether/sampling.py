@@ -11,7 +11,6 @@ driving the KL negative instead of learning the reward (TRL Training FAQ, "negat
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -273,8 +272,9 @@ def sample(
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate computes them for left padding
     cache = DynamicCache()
     # the LM head on the last prompt position only (as generate does), not a [B, P, V] tensor of logits
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+    from tether.logprobs import accepts_logits_to_keep
+
+    last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     logits = model(
         input_ids=input_ids,
         attention_mask=mask,
