@@ -13,9 +13,11 @@ TRL in its venv's - so its peak resident memory (ru_maxrss) is its own; repeats 
 floor, tether, TRL, floor ...). Only ``train()`` is timed, after every model is loaded; the policy's
 ``generate`` is wrapped with a timer in all three, which gives the generation time and the generated tokens
 (up to and including the first EOS). The "floor" is the unavoidable compute of the same work in bare torch: one
-sampling pass per step with ``generate`` (KV cache), one no-grad forward of each model the loss needs before
-the update (reference; PPO: reward and value model too), and the forward+backward passes of the trained models
-for the configured epochs with one AdamW step per mini-batch.
+sampling pass per step (a KV-cache loop calling the model once per token, drawing by inverse CDF), one no-grad
+forward of each model the loss needs before the update (reference; PPO: reward and value model too), and the
+forward+backward passes of the trained models for the configured epochs with one AdamW step per mini-batch, the
+LM head on the response positions only. It calls the transformers models as they are, so a library with a
+leaner per-token forward than transformers' (tether's ``tether/decoding.py``) can beat it.
 
 Prints one markdown table (medians; tether/TRL episodes/s as min / median / max over repeats) and writes the
 raw results to bench/results/vs_trl.json (--quick: vs_trl_quick.json).
@@ -587,7 +589,11 @@ def _floor(w: Workload, episodes: int) -> dict[str, Any]:
         tokens, logprobs = [], []
         for t in range(w.response_length):
             logp = torch.log_softmax(logits.float(), -1)  # [B, V]
-            token = torch.multinomial(logp.exp(), 1)[:, 0].masked_fill(done, pad)
+            # inverse-CDF draw (float64 sums): the distribution of multinomial, whose CPU kernel draws an
+            # exponential number per vocabulary entry and costs more than a tiny model's forward
+            cdf = torch.cumsum(logp.exp(), -1, dtype=torch.float64)
+            u = torch.rand(B, 1, dtype=torch.float64) * cdf[:, -1:]
+            token = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[1] - 1).masked_fill(done, pad)
             tokens.append(token)
             logprobs.append(logp.gather(-1, token[:, None])[:, 0])
             done |= token == eos
@@ -610,7 +616,8 @@ def _floor(w: Workload, episodes: int) -> dict[str, Any]:
     timer = GeneratorTimer(sample)
 
     def token_logprobs(model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor, P: int) -> torch.Tensor:
-        logits = model(input_ids=ids, attention_mask=att).logits[:, P - 1 : -1]  # [B, T, V]
+        T = ids.shape[1] - P  # the LM head on the positions that predict response tokens only
+        logits = model(input_ids=ids, attention_mask=att, logits_to_keep=T + 1).logits[:, :-1]  # [B, T, V]
         return torch.log_softmax(logits.float(), -1).gather(-1, ids[:, P:, None])[..., 0]  # [B, T]
 
     def all_values(model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:

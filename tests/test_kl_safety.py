@@ -283,9 +283,11 @@ def test_training_under_min_length_hides_the_kl_from_k1_but_not_from_full(tmp_pa
     ro = trainer.rollout(make_toy_prompts(64, seed=7))
     exact = ro.kl.sum(-1)
     k1 = kl_k1(ro.model_logprobs, ro.ref_logprobs).masked_fill(~ro.response_mask, 0.0).sum(-1)
+    # How much k1 misses depends on the run's draws (over seeds 0-2 and two sampler versions k1 saw 3-64% of
+    # the exact KL, and 11-45% of the sequences had k1 < 0), so the bounds leave room for that spread.
     assert (exact >= 0).all()
-    assert k1.mean() < 0.5 * exact.mean(), (k1.mean(), exact.mean())
-    assert (k1 < 0).float().mean() > 0.1
+    assert k1.mean() < 0.75 * exact.mean(), (k1.mean(), exact.mean())
+    assert (k1 < 0).float().mean() > 0.05
 
 
 @pytest.mark.parametrize(

@@ -130,8 +130,9 @@ def test_activation_kv_cache_and_logits_formulas() -> None:
     B, L, T, m, V = 8 // 2 * 4, 32, 12, 4, 100  # each of 2 processes samples 4 prompts x 4 completions
     # k and v of 2 layers (and one layer's copy while the cache grows), 2 kv heads of 4
     assert item(plan, "KV cache", "generation") == 2 * (2 + 1) * B * 2 * 4 * L * 4
-    # temperature 1: the [m, L, V] logits stay saved, their gradient comes as two float32 [m, T, V] pieces
-    assert item(plan, "logits or their copy", "update backward") == m * L * V * 4 + 2 * m * T * V * 4
+    # temperature 1: the [m, T + 1, V] logits (the LM head skips the prompt) stay saved, their gradient comes as
+    # two float32 [m, T, V] pieces
+    assert item(plan, "logits or their copy", "update backward") == m * (T + 1) * V * 4 + 2 * m * T * V * 4
     hot = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, temperature=0.7))
     # another temperature: a scaled float32 [m, T, V] copy is saved instead, and the logits are freed
     assert (

@@ -262,8 +262,9 @@ def plan_items(
 
     # 3. rollout forwards, c sequences at a time: build_rollout's `fwd` and `terms` still hold the previous
     # chunk's policy (and reference) logits while the next chunk's are computed
+    # the LM head runs on the T + 1 last positions only (logits_to_keep), not on the prompt
     alive = (2 if has_ref else 1) * (2 if B > c else 1)
-    add(f"logits ({alive} x [{c}, {L}, {V}])", alive * c * L * V * logit, "rollout")
+    add(f"logits ({alive} x [{c}, {T + 1}, {V}])", alive * c * (T + 1) * V * logit, "rollout")
     copies = int(logit != 4) + int(sp.temperature != 1.0)  # float32 / temperature-scaled copies of logits
     blocks = ENTROPY_BLOCK_TEMPS * min(T, ROWS_PER_BLOCK) * V * 4
     add("log-softmax and entropy temporaries", copies * c * T * V * 4 + blocks, "rollout")
@@ -277,9 +278,9 @@ def plan_items(
         add(f"activations, {name} ({m} x {L} tokens){note}", act, F)
         if k == 0:
             add(f"activations, policy{note}", act, BW)
-    # The [m, L, V] logits stay saved while the log-softmax reads a view of them; their gradient comes as two
-    # float32 [m, T, V] pieces (gather, logsumexp). A float32 or temperature copy is saved instead of a view.
-    full, sl = m * L * V * logit, m * T * V * 4
+    # The [m, T + 1, V] logits stay saved while the log-softmax reads a view of them; their gradient comes as
+    # two float32 [m, T, V] pieces (gather, logsumexp). A float32 or temperature copy is saved instead of a view.
+    full, sl = m * (T + 1) * V * logit, m * T * V * 4
     add("logits (and their float32 / temperature copies)", full + copies * sl, F)
     add("logits or their copy, and their gradients", 3 * sl if copies else full + 2 * sl, BW)
     recomputed = layer_bytes(policy, m * L, L, s, ac) if ckpt else 0  # plus gradients in flight

@@ -250,6 +250,7 @@ def sample(
     pad_token_id: int,
     keep_logprobs: bool = True,
     synced: bool = False,
+    lean_step: bool = True,
 ) -> Sampled:
     """Sample responses for left-padded prompts [B, P]: tokens [B, T'] and, if kept, per-token statistics.
 
@@ -261,19 +262,23 @@ def sample(
     and under the model's own at the temperature, and that distribution's entropy - what a training forward
     over the same tokens would compute (see :func:`tether.logprobs.policy_logprobs`). A row that has emitted EOS
     gets padding; the loop stops when every row has (every row of every process when ``synced``) or after
-    ``max_new_tokens``.
+    ``max_new_tokens``. Each token after the first runs through :class:`tether.decoding.LeanDecoder` when it
+    knows the model (``lean_step=False`` forces the model's own forward), else through the model's forward.
     """
     from transformers import DynamicCache
 
+    from tether.decoding import LeanDecoder
+    from tether.logprobs import accepts_logits_to_keep
+
     B = input_ids.shape[0]
     device = input_ids.device
+    # the per-token forward: tether's lean step where it reproduces the model exactly, else the model's own
+    lean = LeanDecoder.build(model, B, input_ids.shape[1] + cfg.max_new_tokens) if lean_step and not synced else None
     eos = torch.tensor(list(eos_token_ids), device=device)
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate computes them for left padding
     cache = DynamicCache()
     # the LM head on the last prompt position only (as generate does), not a [B, P, V] tensor of logits
-    from tether.logprobs import accepts_logits_to_keep
-
     last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     logits = model(
         input_ids=input_ids,
@@ -284,6 +289,9 @@ def sample(
         **last_only,
     ).logits[:, -1]
     position = positions[:, -1:]
+    if lean is not None:
+        lean.prefill(cache, mask)
+        cache = None  # the prompt's keys and values now live in the decoder's buffers
     done = torch.zeros(B, dtype=torch.bool, device=device)
     tokens: list[torch.Tensor] = []
     kept: dict[str, list[torch.Tensor]] = {"logprobs": [], "model_logprobs": [], "entropy": []}
@@ -298,8 +306,11 @@ def sample(
         done |= torch.isin(token, eos)
         if t + 1 == cfg.max_new_tokens or _all_done(done, synced):
             break
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         position = position + 1
+        if lean is not None:
+            logits = lean.step(token, position)
+            continue
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         logits = model(
             input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
         ).logits[:, -1]
