@@ -298,11 +298,14 @@ def sample(
     warped = bool(kl_biasing_settings(cfg))
     for t in range(cfg.max_new_tokens):
         scores = warp_logits(logits[:, None], cfg, eos_token_ids, offset=t)[:, 0]  # [B, V] float32
-        token = draw_tokens(scores.softmax(-1))
+        # unwarped, the scores are the model's own distribution: one log-softmax serves the draw and the stats
+        own_logp = scores.log_softmax(-1) if keep_logprobs and not warped else None
+        probs = own_logp.exp() if own_logp is not None else scores.softmax(-1)
+        token = draw_tokens(probs)
         token = token.masked_fill(done, pad_token_id)
         tokens.append(token)
         if keep_logprobs:
-            _keep_step(kept, logits, scores, token, cfg.temperature, warped)
+            _keep_step(kept, logits, scores, token, cfg.temperature, warped, own_logp, probs)
         done |= torch.isin(token, eos)
         if t + 1 == cfg.max_new_tokens or _all_done(done, synced):
             break
@@ -357,17 +360,22 @@ def _keep_step(
     token: torch.Tensor,
     temperature: float,
     warped: bool,
+    own_logp: torch.Tensor | None = None,
+    probs: torch.Tensor | None = None,
 ) -> None:
     """One step's statistics of the sampled ``token`` [B]: from the raw ``logits`` [B, V] and the warped
-    ``scores`` [B, V] it was drawn from, the same float32 operations as the training forward's."""
-    own = logits.float()
-    if temperature != 1.0:
-        own = own / temperature
-    own_logp = own.log_softmax(-1)
+    ``scores`` [B, V] it was drawn from, the same float32 operations as the training forward's. ``own_logp``
+    and its ``exp``, ``probs``, are the model's own log-softmax at the temperature when the caller has it."""
+    if own_logp is None:
+        own = logits.float()
+        if temperature != 1.0:
+            own = own / temperature
+        own_logp = own.log_softmax(-1)
+        probs = None
     model_lp = own_logp.gather(-1, token[:, None]).squeeze(1)
     kept["model_logprobs"].append(model_lp)
     kept["logprobs"].append(scores.log_softmax(-1).gather(-1, token[:, None]).squeeze(1) if warped else model_lp)
-    p = own_logp.exp()
+    p = own_logp.exp() if probs is None else probs
     kept["entropy"].append(-torch.where(p > 0, p * own_logp, torch.zeros_like(p)).sum(-1))
 
 
