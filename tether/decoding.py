@@ -115,9 +115,9 @@ class LeanDecoder:
             self.head_dim = config.n_embd // config.n_head
             self.kv_heads = self.heads
             self.scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
-        shape = (batch, self.kv_heads, length, self.head_dim)
-        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in layers]
-        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in layers]
+        self.batch, self.length = batch, length
+        self.keys: list[torch.Tensor] = []  # allocated by prefill, after the prompt forward's own peak
+        self.values: list[torch.Tensor] = []
         self.mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=self.device)
         self.filled = 0
 
@@ -141,10 +141,15 @@ class LeanDecoder:
         """Take the prompt's keys and values from transformers' ``cache`` (after the prompt forward) and the
         prompt's ``attention_mask`` [B, P]."""
         P = attention_mask.shape[1]
-        for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
-            layer = cache.layers[i]
+        shape = (self.batch, self.kv_heads, self.length, self.head_dim)
+        for layer in cache.layers[: len(self.layers)]:
+            # every position after the prompt is written by its step before any step reads it
+            k = torch.empty(shape, dtype=self.dtype, device=self.device)
+            v = torch.empty(shape, dtype=self.dtype, device=self.device)
             k[:, :, :P] = layer.keys
             v[:, :, :P] = layer.values
+            self.keys.append(k)
+            self.values.append(v)
         self.mask[:, 0, 0, :P] = attention_mask.bool()
         self.filled = P
 
