@@ -131,7 +131,7 @@ def _train_rows(size: str, repeats: int) -> list[tuple[str, str, float, float | 
     compiled_s = _time(step(compiled), repeats)
     return [
         (size, "training micro-batch (16 x 48 tokens), eager", eager_s, None),
-        (size, "training micro-batch, torch.compile", compiled_s, compile_s),
+        (size, "training micro-batch (16 x 48 tokens), torch.compile", compiled_s, compile_s),
     ]
 
 
