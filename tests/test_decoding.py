@@ -66,6 +66,7 @@ def _with_lora(model, name: str):
 
 def _sample_both(model, tokenizer, cfg: SamplingConfig):
     enc = tokenizer(["abc", "hello there", "xy", "a"] * 4, return_tensors="pt", padding=True)  # left padding
+    enc = enc.to(next(model.parameters()).device)
     eos, pad = tokenizer.eos_token_id, tokenizer.unk_token_id
     out = []
     for lean in (True, False):
@@ -75,13 +76,19 @@ def _sample_both(model, tokenizer, cfg: SamplingConfig):
     return out
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
 @pytest.mark.parametrize("name", ["gpt2", "llama", "llama-rope-scaled", "qwen2"])
-def test_the_lean_step_samples_the_tokens_and_logprobs_of_the_models_own_forward(tokenizer, name, lora) -> None:
+def test_the_lean_step_samples_the_tokens_and_logprobs_of_the_models_own_forward(
+    tokenizer, name, lora, device
+) -> None:
     model = _model(name, tokenizer)
     if lora:
         model = _with_lora(model, name)
-    model.eval()
+    model.eval().to(device)
     assert LeanDecoder.build(model, 2, 8) is not None
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calls = []
