@@ -146,6 +146,9 @@ def test_models_the_lean_step_does_not_reproduce_fall_back_to_their_forward(toke
             self.module = module
 
     assert LeanDecoder.build(Wrapped(gpt2().eval()), 2, 8) is None
+    hooked = gpt2().eval()
+    hooked.transformer.h[0]._hf_hook = object()  # what accelerate's device_map dispatch attaches
+    assert LeanDecoder.build(hooked, 2, 8) is None
     dora = get_peft_model(gpt2(), LoraConfig(r=2, target_modules=["c_attn"], use_dora=True)).eval()
     assert LeanDecoder.build(dora, 2, 8) is None
     windowed = _llama_like(

@@ -19,8 +19,8 @@ itself still runs through the model's own forward (once per rollout, where the b
 The logits agree with transformers' to float32 rounding (~1e-6; tests/test_decoding.py); the sampled tokens'
 logprobs go on being checked against the training forward (``rollout/logprob_diff_*``). Any model the decoder
 does not know (another architecture, a setting that changes the arithmetic, quantised or other adapter layers,
-dropout in training mode, a DDP / FSDP / DeepSpeed wrapper, mixed precision) gets ``None`` from
-:meth:`LeanDecoder.build`, and the sampler uses the model's own forward.
+dropout in training mode, a DDP / FSDP / DeepSpeed wrapper, accelerate's device-map hooks, mixed precision) gets
+``None`` from :meth:`LeanDecoder.build`, and the sampler uses the model's own forward.
 """
 
 from __future__ import annotations
@@ -133,6 +133,8 @@ class LeanDecoder:
                 raise _Unsupported("autocast")
             if next(plain.parameters()).dtype != torch.float32:
                 raise _Unsupported("parameters not in float32")
+            if any(hasattr(m, "_hf_hook") for m in plain.modules()) or any(p.is_meta for p in plain.parameters()):
+                raise _Unsupported("accelerate's device-map hooks or offloaded (meta) weights")
         except (_Unsupported, AttributeError, StopIteration):
             return None
         return cls(plain, kind, layers, batch, length)
