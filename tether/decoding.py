@@ -79,11 +79,14 @@ def _plain_model(model: nn.Module) -> nn.Module:
 
 
 def _check_dropout(model: nn.Module) -> None:
-    if model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+    """Dropout in training mode (modules, or the functional attention dropout of the config) changes the
+    arithmetic the lean step would have to reproduce."""
+    if not model.training:
+        return
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
         raise _Unsupported("dropout in training mode")
-    config = model.config
     for name in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop"):
-        if model.training and getattr(config, name, 0.0):
+        if getattr(model.config, name, 0.0):
             raise _Unsupported(f"{name} in training mode")
 
 
@@ -128,13 +131,14 @@ class LeanDecoder:
         try:
             plain = _plain_model(model)
             _check_dropout(plain)
-            kind, layers = _collect(plain)
-            if torch.is_autocast_enabled(next(plain.parameters()).device.type):
+            first = next(plain.parameters())
+            if torch.is_autocast_enabled(first.device.type):
                 raise _Unsupported("autocast")
-            if next(plain.parameters()).dtype != torch.float32:
+            if first.dtype != torch.float32:
                 raise _Unsupported("parameters not in float32")
             if any(hasattr(m, "_hf_hook") for m in plain.modules()) or any(p.is_meta for p in plain.parameters()):
                 raise _Unsupported("accelerate's device-map hooks or offloaded (meta) weights")
+            kind, layers = _collect(plain)  # last: it merges the LoRA adapters into copies
         except (_Unsupported, AttributeError, StopIteration):
             return None
         return cls(plain, kind, layers, batch, length)

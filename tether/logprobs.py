@@ -110,17 +110,16 @@ def response_logits(
     predicts the first response token), not on the prompt: on a 135M-parameter model with a 49k vocabulary the
     head is a fifth of the forward's work, and prompts are often as long as the responses.
     """
-    keep = input_ids.shape[1] - prompt_length + 1
+    kept = accepts_logits_to_keep(model)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
-        **({"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}),
+        **({"logits_to_keep": input_ids.shape[1] - prompt_length + 1} if kept else {}),
     )
-    if out.logits.shape[1] == keep:
-        return out.logits[:, :-1]
-    return align_with_response(out.logits, prompt_length)
+    # with the head on positions [P - 1, L) only, the response's logits are all but the last
+    return out.logits[:, :-1] if kept else align_with_response(out.logits, prompt_length)
 
 
 class PolicyForward(NamedTuple):
